@@ -1,0 +1,13 @@
+//! scannot-core: the pure Rust algorithms of scannot (no R, no extendr).
+//!
+//! One module per capability. Every entry point takes borrowed views of the caller's
+//! memory ([`matrix::ExprMatrix`]) and returns owned results or a [`error::ScError`].
+
+pub mod dotplot;
+pub mod error;
+pub mod matrix;
+pub mod normalize;
+pub mod simulate;
+pub mod threads;
+
+pub use error::{ScError, ScResult};

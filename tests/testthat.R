@@ -1,0 +1,4 @@
+library(testthat)
+library(scannot)
+
+test_check("scannot")
