@@ -174,18 +174,21 @@ plot_dotplot <- function(x, ..., dot_max = NULL, colours = c("#FFF5F0", "#67000D
   pos <- if ("gene_pos" %in% names(d)) d$gene_pos else match(d$gene, unique(d$gene))
   d$gene_x <- factor(pos, levels = sort(unique(pos)), labels = d$gene[match(sort(unique(pos)), pos)])
   p <- ggplot2::ggplot(d, ggplot2::aes(x = .data$gene_x, y = .data$group)) +
-    ggplot2::geom_point(ggplot2::aes(size = .data$frac_clipped, colour = .data$color)) +
+    ggplot2::geom_point(ggplot2::aes(size = .data$frac_clipped, fill = .data$color),
+                        shape = 21, colour = "grey35", stroke = 0.2) +
     ggplot2::scale_size_area(max_size = 7, limits = c(0, dot_max),
                              labels = function(v) paste0(round(100 * v), "%"),
                              name = "Fraction of cells\nin group") +
-    ggplot2::scale_colour_gradient(low = colours[1], high = colours[2],
+    ggplot2::scale_fill_gradient(low = colours[1], high = colours[2],
                                    name = if (scaled) "Mean expression\n(scaled)" else "Mean expression\nin group") +
+    ggplot2::guides(size = ggplot2::guide_legend(override.aes = list(fill = "grey45"))) +
     ggplot2::labs(x = NULL, y = NULL, title = title) +
     ggplot2::theme_bw() +
     ggplot2::theme(axis.text.x = ggplot2::element_text(angle = 90, hjust = 1, vjust = 0.5, face = "italic"),
                    panel.grid.major = ggplot2::element_line(colour = "grey92"),
                    strip.background = ggplot2::element_rect(fill = "grey95", colour = NA),
-                   strip.text.x = ggplot2::element_text(angle = 0, face = "bold"),
+                   strip.text.x = ggplot2::element_text(angle = 0, face = "bold", size = 8),
+                   strip.clip = "off",
                    panel.spacing.x = grid::unit(2, "pt"))
   if ("marker_set" %in% names(d) && !all(is.na(d$marker_set))) {
     p <- p + ggplot2::facet_grid(cols = ggplot2::vars(.data$marker_set), scales = "free_x",

@@ -4,7 +4,7 @@
 #
 #   Rscript inst/scripts/annotate.R [out_dir] [input.rds group_by]
 #
-# Writes: dotplot.csv, dotplot.png, annotated.rds, and a line per step with its timing.
+# Writes: dotplot.csv, dotplot.png, labels.csv, annotated.rds, and a line per step with its timing.
 args <- commandArgs(trailingOnly = TRUE)
 out <- if (length(args) >= 1) args[1] else "scannot-out"
 dir.create(out, showWarnings = FALSE, recursive = TRUE)
@@ -14,7 +14,11 @@ step <- function(name, expr) {
   t0 <- proc.time()[["elapsed"]]
   val <- force(expr)
   cat(sprintf("[scannot] %-34s %7.2f s\n", name, proc.time()[["elapsed"]] - t0))
-  val
+  invisible(val)
+}
+
+cell_metadata_of <- function(o) {
+  if (inherits(o, "Seurat")) o[[]] else as.data.frame(SummarizedExperiment::colData(o))
 }
 
 if (length(args) >= 3) {
@@ -42,6 +46,13 @@ step("save dotplot.png", ggplot2::ggsave(file.path(out, "dotplot.png"), p, width
 top <- tapply(d$color, list(d$group, d$marker_set), mean)
 mapping <- stats::setNames(colnames(top)[apply(top, 1, which.max)], rownames(top))
 obj <- step("label_clusters", label_clusters(obj, group_by, mapping, new_col = "marker_label"))
-step("save annotated.rds", saveRDS(obj, file.path(out, "annotated.rds")))
+labels <- data.frame(cell = colnames(obj), group = cell_metadata_of(obj)[[group_by]],
+                     marker_label = cell_metadata_of(obj)$marker_label)
+utils::write.csv(labels, file.path(out, "labels.csv"), row.names = FALSE)
+step("save annotated.rds", {
+  con <- gzfile(file.path(out, "annotated.rds"), "wb", compression = 1)
+  saveRDS(obj, con)
+  close(con)
+})
 print(mapping)
 cat(sprintf("[scannot] done: results in %s\n", normalizePath(out)))

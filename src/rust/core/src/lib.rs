@@ -7,6 +7,8 @@ pub mod dotplot;
 pub mod error;
 pub mod matrix;
 pub mod normalize;
+pub mod pickle;
+pub mod scvi;
 pub mod simulate;
 pub mod threads;
 
