@@ -25,3 +25,9 @@ rs_simulate <- function(n_cells, n_genes, n_types, n_batches, seed, depth, marke
 #' @noRd
 rs_test_error <- function(kind) .Call(wrap__rs_test_error, kind)
 
+#' Wilcoxon rank-sum statistics for all genes and the tested groups.
+#' `groups`: 0-based codes (NA < 0); `tested`: 0-based codes (empty = all);
+#' `reference`: -1 = rest, else a 0-based code; `log_base`: NaN = natural log.
+#' @noRd
+rs_wilcoxon <- function(p, i, x, nrow, ncol, dense, groups, n_groups, tested, reference, tie_correct, flavor, log_base, n_threads) .Call(wrap__rs_wilcoxon, p, i, x, nrow, ncol, dense, groups, n_groups, tested, reference, tie_correct, flavor, log_base, n_threads)
+

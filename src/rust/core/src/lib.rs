@@ -11,5 +11,6 @@ pub mod pickle;
 pub mod scvi;
 pub mod simulate;
 pub mod threads;
+pub mod wilcoxon;
 
 pub use error::{ScError, ScResult};

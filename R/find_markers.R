@@ -1,0 +1,305 @@
+#' Wilcoxon rank-sum marker genes
+#'
+#' One-vs-rest (or versus a reference group) Wilcoxon rank-sum tests for every
+#' gene, with the statistics of scanpy's `rank_genes_groups(method = "wilcoxon")`
+#' (`flavor = "scanpy"`) or of presto's `wilcoxauc()` (`flavor = "presto"`). The
+#' Rust core sweeps each gene's non-zeros once (zeros share one mid-rank) and
+#' computes the rank sums of all groups at once, in parallel over genes, without
+#' densifying or copying the matrix.
+#'
+#' Semantics of the two flavours (see the package's reference specification):
+#' * `"scanpy"`: z score without continuity correction, tie correction only with
+#'   `tie_correct = TRUE`; log fold change `log2((expm1(mean_in) + 1e-9) /
+#'   (expm1(mean_out) + 1e-9))` of the log values; fractions of cells with
+#'   `x != 0`; cells with an `NA` group are kept in "rest" (as scanpy does, with a
+#'   message); every tested group and the reference need at least 2 cells.
+#' * `"presto"`: presto's columns and numbers exactly: continuity-corrected z with
+#'   presto's tie list, values compared as float32, `logFC` = difference of means,
+#'   percentages 0-100; `NA`-labelled cells are dropped (with a message); no
+#'   reference mode.
+#'
+#' @inheritParams dotplot_data
+#' @param groups Groups to test (`NULL`: all). With `reference = "rest"` the rest
+#'   still holds every other cell (scanpy).
+#' @param reference `"rest"` or the name of a group to compare against (scanpy
+#'   flavour only).
+#' @param tie_correct scanpy's tie correction of the z score (presto always
+#'   corrects, its own way).
+#' @param flavor `"scanpy"` or `"presto"`.
+#' @param log_base Base of the log of the values when it is not `e` (scanpy's
+#'   `uns["log1p"]["base"]`); affects the scanpy fold change only.
+#' @param store If `TRUE`, return the object with the table stored in it
+#'   (Seurat `Misc(object, "scannot_markers")`, SCE `metadata(object)$scannot_markers`)
+#'   instead of the table; get it back with [get_markers()].
+#' @return For `flavor = "scanpy"`, a data frame of class `scannot_markers`, one
+#'   row per group and gene, sorted per group by decreasing score: `group`,
+#'   `gene`, `score` (z), `logfc` (log2), `pval`, `padj` (Benjamini-Hochberg within
+#'   the group), `pct_in`, `pct_out` (fractions 0..1 in the group and in the rest
+#'   or reference), `auc`, `u` (Mann-Whitney U), `mean_in`, `mean_out`. For
+#'   `flavor = "presto"`, presto's data frame: `feature, group, avgExpr, logFC,
+#'   statistic, auc, pval, padj, pct_in, pct_out` in presto's row order.
+#' @export
+#' @examples
+#' sim <- simulate_counts(n_cells = 400, n_genes = 200, as = "list")
+#' x <- normalize_counts(sim$counts)
+#' m <- find_markers(x, sim$cells$cell_type)
+#' top_markers(m, n = 3)
+find_markers <- function(object, group_by, ...) {
+  UseMethod("find_markers")
+}
+
+#' @rdname find_markers
+#' @export
+find_markers.default <- function(object, group_by, ..., groups = NULL, reference = "rest",
+                                 tie_correct = FALSE, flavor = c("scanpy", "presto"),
+                                 log_base = NULL, n_threads = NULL) {
+  call <- rlang::current_env()
+  rlang::check_dots_empty(call = call)
+  markers_compute(get_expression(object), group_by, groups, reference, tie_correct, flavor,
+                  log_base, n_threads, call)
+}
+
+#' @rdname find_markers
+#' @export
+find_markers.Seurat <- function(object, group_by, ..., assay = NULL, layer = "data",
+                                groups = NULL, reference = "rest", tie_correct = FALSE,
+                                flavor = c("scanpy", "presto"), log_base = NULL,
+                                store = FALSE, n_threads = NULL) {
+  call <- rlang::current_env()
+  rlang::check_dots_empty(call = call)
+  res <- markers_compute(get_expression(object, assay = assay, layer = layer), group_by,
+                         groups, reference, tie_correct, flavor, log_base, n_threads, call)
+  if (isTRUE(check_flag(store))) {
+    misc <- object@misc
+    misc$scannot_markers <- res
+    object@misc <- misc
+    return(object)
+  }
+  res
+}
+
+#' @rdname find_markers
+#' @export
+find_markers.SummarizedExperiment <- function(object, group_by, ..., assay = "logcounts",
+                                              groups = NULL, reference = "rest",
+                                              tie_correct = FALSE,
+                                              flavor = c("scanpy", "presto"),
+                                              log_base = NULL, store = FALSE,
+                                              n_threads = NULL) {
+  call <- rlang::current_env()
+  rlang::check_dots_empty(call = call)
+  res <- markers_compute(get_expression(object, assay = assay), group_by, groups, reference,
+                         tie_correct, flavor, log_base, n_threads, call)
+  if (isTRUE(check_flag(store))) {
+    S4Vectors::metadata(object)$scannot_markers <- res
+    return(object)
+  }
+  res
+}
+
+#' Get the marker table stored by `find_markers(store = TRUE)`
+#' @param object A Seurat object or SingleCellExperiment.
+#' @return The `scannot_markers` data frame, or `NULL`.
+#' @export
+get_markers <- function(object) {
+  if (is_seurat(object)) return(object@misc$scannot_markers)
+  if (is_se(object)) return(S4Vectors::metadata(object)$scannot_markers)
+  abort_scannot("`object` must be a Seurat object or a SingleCellExperiment.", "input")
+}
+
+markers_compute <- function(e, group_by, groups, reference, tie_correct, flavor, log_base,
+                            n_threads, call) {
+  flavor <- rlang::arg_match(flavor, c("scanpy", "presto"), error_call = call)
+  check_flag(tie_correct)
+  n_threads <- scannot_threads(n_threads)
+  reference <- check_string(reference)
+  log_base <- if (is.null(log_base)) NaN else check_number(log_base)
+  m <- e$matrix
+  genes <- rownames(m) %||% paste0("Feature", seq_len(nrow(m)))
+  g <- cell_groups(e$cells, group_by, ncol(m), na_rm = TRUE, call = call)
+  n_na <- sum(is.na(g))
+  if (n_na > 0L) {
+    message(sprintf(if (flavor == "scanpy")
+      "%d cells with an NA group are counted in the rest (as scanpy does)." else
+      "%d cells with an NA group are left out (as presto does).", n_na))
+  }
+  lv <- levels(g)
+  if (flavor == "presto" && length(lv) < 2L) {
+    abort_scannot("presto's test needs at least 2 groups.", "groups", call = call)
+  }
+  if (!is.null(groups)) {
+    groups <- as.character(groups)
+    bad <- setdiff(groups, lv)
+    if (length(bad)) {
+      abort_scannot(sprintf("`groups` not in '%s': %s. Groups with cells: %s.",
+                            if (is.character(group_by) && length(group_by) == 1L) group_by else "group_by",
+                            paste(bad, collapse = ", "), paste(lv, collapse = ", ")),
+                    "groups", call = call)
+    }
+  }
+  ref_code <- -1L
+  if (reference != "rest") {
+    if (flavor == "presto") {
+      abort_scannot("presto has no reference mode: use reference = \"rest\" or flavor = \"scanpy\".",
+                    "input", call = call)
+    }
+    if (!reference %in% lv) {
+      abort_scannot(sprintf("`reference` '%s' is not a group with cells; groups: %s.", reference,
+                            paste(lv, collapse = ", ")), "groups", call = call)
+    }
+    ref_code <- match(reference, lv) - 1L
+  }
+  tested <- groups %||% lv
+  if (reference != "rest") tested <- setdiff(tested, reference)
+  if (length(tested) == 0L) {
+    abort_scannot("No group left to test (the reference was the only one).", "groups", call = call)
+  }
+  if (flavor == "scanpy") {
+    sizes <- table(g)
+    small <- names(sizes)[sizes < 2 & names(sizes) %in% c(tested, if (ref_code >= 0) reference)]
+    if (length(small)) {
+      abort_scannot(sprintf("Group(s) %s have fewer than 2 cells; the Wilcoxon test needs at least 2. Leave them out with `groups =` or merge them.",
+                            paste0("'", small, "'", collapse = ", ")), "groups", call = call)
+    }
+  }
+  a <- matrix_args(m)
+  # presto drops NA cells; scanpy keeps them in the rest (negative codes)
+  codes <- as.integer(g) - 1L
+  codes[is.na(codes)] <- -1L
+  r <- rs_call(rs_wilcoxon(a$p, a$i, a$x, a$nrow, a$ncol, a$dense, codes, length(lv),
+                           if (is.null(groups)) integer() else match(tested, lv) - 1L,
+                           ref_code, tie_correct, flavor, log_base, n_threads), call = call)
+  grp <- factor(lv[r$group + 1L], levels = lv[r$tested + 1L])
+  gene <- genes[r$gene + 1L]
+  if (flavor == "presto") {
+    out <- data.frame(feature = gene, group = as.character(grp), avgExpr = r$mean_in,
+                      logFC = r$logfc, statistic = r$u, auc = r$auc, pval = r$pval,
+                      padj = r$padj, pct_in = r$pts, pct_out = r$pts_rest,
+                      stringsAsFactors = FALSE)
+  } else {
+    out <- data.frame(group = grp, gene = gene, score = r$score, logfc = r$logfc,
+                      pval = r$pval, padj = r$padj, pct_in = r$pts, pct_out = r$pts_rest,
+                      auc = r$auc, u = r$u, mean_in = r$mean_in, mean_out = r$mean_out,
+                      stringsAsFactors = FALSE)
+    # per group by decreasing score; ties in gene order (scanpy's tie order is arbitrary)
+    out <- out[order(as.integer(out$group), -out$score, r$gene), , drop = FALSE]
+    rownames(out) <- NULL
+  }
+  structure(out, class = c("scannot_markers", "data.frame"), flavor = flavor,
+            reference = reference,
+            group_by = if (is.character(group_by) && length(group_by) == 1L) group_by else NULL,
+            n_cells = stats::setNames(r$n_in, lv[r$tested + 1L]))
+}
+
+#' @export
+print.scannot_markers <- function(x, ...) {
+  cat(sprintf("<scannot_markers: %s flavour, %d groups x %d genes, vs %s>\n",
+              attr(x, "flavor"), length(unique(x$group)),
+              length(unique(if (is.null(x$gene)) x$feature else x$gene)),
+              attr(x, "reference") %||% "rest"))
+  print(utils::head(as.data.frame(x), 10), ...)
+  if (nrow(x) > 10) cat(sprintf("# ... %d more rows\n", nrow(x) - 10))
+  invisible(x)
+}
+
+# Columns of either flavour under one set of names (fractions 0..1, log2 fold change).
+markers_std <- function(markers, call = rlang::caller_env()) {
+  if (!is.data.frame(markers)) {
+    abort_scannot("`markers` must be the data frame returned by find_markers().", "markers", call = call)
+  }
+  if (all(c("feature", "avgExpr", "pct_in") %in% names(markers))) {
+    data.frame(group = markers$group, gene = markers$feature, score = markers$auc,
+               logfc = markers$logFC / log(2), pct_in = markers$pct_in / 100,
+               pct_out = markers$pct_out / 100, stringsAsFactors = FALSE)
+  } else if (all(c("group", "gene", "score", "logfc", "pct_in", "pct_out") %in% names(markers))) {
+    markers
+  } else {
+    abort_scannot("`markers` must be the data frame returned by find_markers().", "markers", call = call)
+  }
+}
+
+#' Filter marker genes by in/out-group fraction and fold change
+#'
+#' scanpy's `filter_rank_genes_groups()` rule: keep a gene when its fraction of
+#' expressing cells in the group is `> min_in_group_fraction`, outside is
+#' `< max_out_group_fraction` and its log2 fold change is `> log2(min_fold_change)`
+#' scanpy's threshold is in log2 units: `min_fold_change = 1` means a fold change
+#' of 2. All comparisons are strict and `NA` fails. Unlike scanpy, failing genes
+#' are removed (no `NaN` names are left behind). The fold change is the table's
+#' own (for a reference-mode table, the one versus the reference; scanpy would
+#' recompute one versus the rest). presto tables are read with fractions = pct / 100
+#' and log2 fold change = logFC / log(2).
+#'
+#' @param markers The data frame from [find_markers()].
+#' @param min_in_group_fraction,max_out_group_fraction Fractions (0..1).
+#' @param min_fold_change Minimum log2 fold change (scanpy's default 1).
+#' @param compare_abs Compare `|log fold change|` (keeps down-regulated genes too).
+#' @return The rows of `markers` that pass, in their original order.
+#' @export
+#' @examples
+#' sim <- simulate_counts(n_cells = 400, n_genes = 200, as = "list")
+#' m <- find_markers(normalize_counts(sim$counts), sim$cells$cell_type)
+#' filter_markers(m)
+filter_markers <- function(markers, min_in_group_fraction = 0.25, max_out_group_fraction = 0.5,
+                           min_fold_change = 1, compare_abs = FALSE) {
+  call <- rlang::current_env()
+  s <- markers_std(markers, call)
+  min_in <- check_number(min_in_group_fraction)
+  max_out <- check_number(max_out_group_fraction)
+  min_fc <- check_number(min_fold_change)
+  fc <- if (isTRUE(check_flag(compare_abs))) abs(s$logfc) else s$logfc
+  keep <- s$pct_in > min_in & s$pct_out < max_out & fc > min_fc
+  keep[is.na(keep)] <- FALSE
+  out <- markers[keep, , drop = FALSE]
+  rownames(out) <- NULL
+  out
+}
+
+#' Top marker genes per group
+#'
+#' @param markers The data frame from [find_markers()] (possibly filtered).
+#' @param n Number of genes per group.
+#' @return The top `n` rows per group (scanpy flavour: by decreasing score;
+#'   presto flavour: by decreasing AUC), groups in their order.
+#' @export
+top_markers <- function(markers, n = 5) {
+  call <- rlang::current_env()
+  s <- markers_std(markers, call)
+  n <- check_number(n)
+  if (n < 1) abort_scannot("`n` must be at least 1.", "input", call = call)
+  grp <- if (is.factor(s$group)) s$group else factor(s$group, levels = unique(s$group))
+  o <- order(as.integer(grp), -s$score, seq_len(nrow(s)))
+  o <- o[stats::ave(seq_along(o), grp[o], FUN = seq_along) <= n]
+  out <- markers[o, , drop = FALSE]
+  rownames(out) <- NULL
+  out
+}
+
+#' Dotplot of the top marker genes of each group
+#'
+#' The equivalent of scanpy's `rank_genes_groups_dotplot()`: the top `n` genes of
+#' each group (from [find_markers()], optionally [filter_markers()]) shown as a
+#' dotplot over the same groups, gene blocks labelled by group.
+#'
+#' @param object The object the markers were computed on.
+#' @param markers The data frame from [find_markers()].
+#' @param n Genes per group.
+#' @param group_by Groups for the dotplot (default: the `group_by` of
+#'   `find_markers()` when it was a column name).
+#' @param ... Passed to [dotplot_data()] (e.g. `standard_scale`, `assay`, `layer`).
+#' @return A ggplot object.
+#' @export
+plot_marker_dotplot <- function(object, markers, n = 5, group_by = attr(markers, "group_by"),
+                                ...) {
+  call <- rlang::current_env()
+  if (is.null(group_by)) {
+    abort_scannot("Give `group_by` (the markers were computed from a vector of labels).",
+                  "group_by", call = call)
+  }
+  top <- markers_std(top_markers(markers, n), call)
+  grp <- if (is.factor(top$group)) levels(droplevels(top$group)) else unique(top$group)
+  sets <- lapply(grp, function(k) top$gene[top$group == k])
+  names(sets) <- grp
+  sets <- sets[lengths(sets) > 0L]
+  plot_dotplot(dotplot_data(object, sets, group_by, ...))
+}
