@@ -3,6 +3,7 @@
 //! One module per capability. Every entry point takes borrowed views of the caller's
 //! memory ([`matrix::ExprMatrix`]) and returns owned results or a [`error::ScError`].
 
+pub mod celltypist;
 pub mod dotplot;
 pub mod error;
 pub mod matrix;
