@@ -25,3 +25,17 @@ rs_simulate <- function(n_cells, n_genes, n_types, n_batches, seed, depth, marke
 #' @noRd
 rs_test_error <- function(kind) .Call(wrap__rs_test_error, kind)
 
+#' Read a CellTypist .pkl without executing it; plain vectors for the R model object.
+#' @noRd
+rs_celltypist_read <- function(path) .Call(wrap__rs_celltypist_read, path)
+
+#' CellTypist prediction on a genes x cells matrix. `coef` is the n_rows x F matrix
+#' (column-major = gene-major). Returns decision/probability (cells x classes, column-major),
+#' 1-based best-match codes, prob-match labels (when asked) and the first cell's expm1 sum.
+#' @noRd
+rs_celltypist_predict <- function(p, i, x, nrow, ncol, dense, genes, features, classes, n_rows, coef, intercept, scaler_mean, scaler_scale, with_mean, check_input, prob_match, p_thres, n_threads) .Call(wrap__rs_celltypist_predict, p, i, x, nrow, ncol, dense, genes, features, classes, n_rows, coef, intercept, scaler_mean, scaler_scale, with_mean, check_input, prob_match, p_thres, n_threads)
+
+#' Majority vote: `labels` and `clusters` are 1-based codes; one label per cluster.
+#' @noRd
+rs_celltypist_vote <- function(labels, label_names, clusters, n_clusters, min_prop) .Call(wrap__rs_celltypist_vote, labels, label_names, clusters, n_clusters, min_prop)
+

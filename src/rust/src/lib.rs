@@ -11,12 +11,13 @@ use scannot_core::dotplot::{dotplot, DotplotOptions};
 use scannot_core::matrix::{CscView, DenseView, ExprMatrix};
 use scannot_core::{ScError, ScResult};
 
+mod celltypist;
 mod convert;
 use convert::{guard, threads};
 
 /// Matrix arguments as the R side passes them: dgCMatrix slots, or a dense column-major
 /// double matrix in `x` (then `p` and `i` are empty).
-fn expr_matrix<'a>(
+pub(crate) fn expr_matrix<'a>(
     p: &'a [i32],
     i: &'a [i32],
     x: &'a [f64],
@@ -178,6 +179,7 @@ fn rs_data_address(x: &[f64]) -> String {
 
 extendr_module! {
     mod scannot;
+    use celltypist;
     fn rs_data_address;
     fn rs_dotplot;
     fn rs_log_normalize;
