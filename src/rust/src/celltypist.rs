@@ -74,9 +74,6 @@ fn rs_celltypist_predict(
                 m.nrow()
             )));
         }
-        if let scannot_core::matrix::ExprMatrix::Csc(c) = &m {
-            c.check_rows()?;
-        }
         let first_sum = if check_input {
             ct::check_log1p_cp10k(&m)?
         } else {

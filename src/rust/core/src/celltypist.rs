@@ -411,11 +411,19 @@ pub fn predict(m: &ExprMatrix, kept: &[(usize, usize)], model: &ModelView) -> Sc
             for (q, &(row, _)) in kept.iter().enumerate() {
                 pos[row] = q as u32;
             }
+            // row indices are bounds-checked here instead of a separate pass over `i`
+            let bad_row = std::sync::atomic::AtomicBool::new(false);
             rows.par_chunks_mut(r).enumerate().for_each(|(j, acc)| {
                 acc.copy_from_slice(&base);
                 let (is, xs) = c.col(j);
                 for (&i, &v) in is.iter().zip(xs) {
-                    let q = pos[i as usize];
+                    let q = match pos.get(i as usize) {
+                        Some(&q) => q,
+                        None => {
+                            bad_row.store(true, std::sync::atomic::Ordering::Relaxed);
+                            continue;
+                        }
+                    };
                     if q == u32::MAX {
                         continue;
                     }
@@ -429,6 +437,12 @@ pub fn predict(m: &ExprMatrix, kept: &[(usize, usize)], model: &ModelView) -> Sc
                     }
                 }
             });
+            if bad_row.into_inner() {
+                return Err(ScError::Dims(format!(
+                    "sparse matrix row indices must lie in 0..{nrow}; rebuild the matrix with \
+                     Matrix::sparseMatrix()"
+                )));
+            }
         }
         ExprMatrix::Dense(d) => {
             rows.par_chunks_mut(r).enumerate().for_each(|(j, acc)| {

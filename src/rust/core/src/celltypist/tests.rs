@@ -274,3 +274,25 @@ proptest! {
         prop_assert_eq!(got, vote_reference(&lab, &clusters, min_prop));
     }
 }
+
+#[test]
+fn out_of_range_row_index_is_an_error_not_a_panic() {
+    let p = [0, 1];
+    let i = [7];
+    let x = [1.0];
+    let c = crate::matrix::CscView::new(2, 1, &p, &i, &x).unwrap();
+    let (coef, b, mean, scale) = ([1.0, 1.0], [0.0], [0.0, 0.0], [1.0, 1.0]);
+    let mv = ModelView {
+        n_classes: 2,
+        n_rows: 1,
+        coef: &coef,
+        intercept: &b,
+        mean: &mean,
+        scale: &scale,
+        with_mean: true,
+    };
+    assert!(matches!(
+        predict(&ExprMatrix::Csc(c), &[(0, 0), (1, 1)], &mv),
+        Err(ScError::Dims(_))
+    ));
+}
