@@ -25,3 +25,12 @@ rs_simulate <- function(n_cells, n_genes, n_types, n_batches, seed, depth, marke
 #' @noRd
 rs_test_error <- function(kind) .Call(wrap__rs_test_error, kind)
 
+#' Exact kNN of query cells among reference cells and scArches' weighted vote.
+#' Embeddings are cells x dims, column-major. `codes` holds `n_cols` label columns one
+#' after the other (0-based codes in sorted label order); `n_levels` their level counts.
+#' Returns 1-based neighbour indices and distances (query-major, k per cell), and per
+#' column (column after column) the 0-based best code (-1: none), its probability and
+#' the uncertainty.
+#' @noRd
+rs_knn_transfer <- function(reference, n_ref, ref_dim, query, n_query, query_dim, k, codes, n_levels, n_threads) .Call(wrap__rs_knn_transfer, reference, n_ref, ref_dim, query, n_query, query_dim, k, codes, n_levels, n_threads)
+

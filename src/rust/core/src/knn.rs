@@ -554,16 +554,52 @@ pub fn knn_brute(reference: &Embedding, query: &Embedding, k: usize) -> ScResult
     Ok(Neighbors { k, index, dist })
 }
 
-/// scArches' kernel weights of one query cell's k distances (spec §6 step 2):
-/// `exp(-d / (2/std)^2)` normalised to sum 1 (NaN when every kernel value underflows to 0).
+/// numpy's pairwise summation (`pairwise_sum_DOUBLE`, used by `np.sum` / `np.add.reduce`
+/// on contiguous float64 data): 8 interleaved partial sums in blocks of up to 128 values,
+/// recursive halving above that. Reproducing it keeps sums bit-identical to scArches'.
+pub fn numpy_sum(a: &[f64]) -> f64 {
+    let n = a.len();
+    if n < 8 {
+        let mut r = 0.0;
+        for &v in a {
+            r += v;
+        }
+        r
+    } else if n <= 128 {
+        let mut r = [0.0f64; 8];
+        r.copy_from_slice(&a[..8]);
+        let full = n - n % 8;
+        let mut i = 8;
+        while i < full {
+            for j in 0..8 {
+                r[j] += a[i + j];
+            }
+            i += 8;
+        }
+        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for &v in &a[full..] {
+            res += v;
+        }
+        res
+    } else {
+        let mut n2 = n / 2;
+        n2 -= n2 % 8;
+        numpy_sum(&a[..n2]) + numpy_sum(&a[n2..])
+    }
+}
+
+/// scArches' kernel weights of one query cell's k distances (spec §6 step 2), with numpy's
+/// operation order: `s = np.std(d)` (population), `w = exp(-d / (2/s)^2)`, `w / sum(w)`.
+/// `s = 0` gives uniform weights; when every kernel value underflows to 0 the weights are
+/// NaN (scArches then gives no label).
 pub fn kernel_weights(dist: &[f64]) -> Vec<f64> {
     let k = dist.len() as f64;
-    let mean = dist.iter().sum::<f64>() / k;
-    let var = dist.iter().map(|d| (d - mean) * (d - mean)).sum::<f64>() / k;
-    let s = var.sqrt();
+    let mean = numpy_sum(dist) / k;
+    let sq: Vec<f64> = dist.iter().map(|d| (d - mean) * (d - mean)).collect();
+    let s = (numpy_sum(&sq) / k).sqrt();
     let scale = (2.0 / s) * (2.0 / s);
     let w: Vec<f64> = dist.iter().map(|d| (-(d / scale)).exp()).collect();
-    let total: f64 = w.iter().sum();
+    let total = numpy_sum(&w);
     w.into_iter().map(|v| v / total).collect()
 }
 
@@ -623,26 +659,26 @@ pub fn transfer(nb: &Neighbors, columns: &[LabelColumn]) -> ScResult<Vec<Transfe
     // per query: (label, prob) for each column, computed in parallel
     let rows: Vec<Vec<(i32, f64)>> = (0..nq)
         .into_par_iter()
-        .map_init(Vec::new, |acc: &mut Vec<(i32, f64)>, i| {
+        .map_init(Vec::new, |acc: &mut Vec<(i32, usize)>, i| {
             let w = kernel_weights(&nb.dist[i * k..(i + 1) * k]);
             let idx = &nb.index[i * k..(i + 1) * k];
             columns
                 .iter()
                 .map(|col| {
+                    // (label, position) pairs sorted by label, then by neighbour rank: each
+                    // label's weights are summed in neighbour order, as numpy's masked sum
                     acc.clear();
-                    for (&j, &wj) in idx.iter().zip(&w) {
-                        let code = col.codes[j];
-                        match acc.iter_mut().find(|(c, _)| *c == code) {
-                            Some(e) => e.1 += wj,
-                            None => acc.push((code, wj)),
-                        }
-                    }
-                    acc.sort_unstable_by_key(|e| e.0);
+                    acc.extend(idx.iter().enumerate().map(|(t, &j)| (col.codes[j], t)));
+                    acc.sort_unstable();
                     let (mut best, mut bp) = (-1i32, 0.0f64);
-                    for &(c, p) in acc.iter() {
+                    let mut run = Vec::with_capacity(k);
+                    for grp in acc.chunk_by(|a, b| a.0 == b.0) {
+                        run.clear();
+                        run.extend(grp.iter().map(|&(_, t)| w[t]));
+                        let p = numpy_sum(&run);
                         if bp < p {
                             bp = p;
-                            best = c;
+                            best = grp[0].0;
                         }
                     }
                     (best, bp)
@@ -751,6 +787,26 @@ mod tests {
         assert_eq!(r[0].label, vec![0, -1]);
         assert_eq!(r[0].prob, vec![0.5, 0.0]);
         assert_eq!(r[0].uncertainty, vec![0.5, 1.0]);
+    }
+
+    #[test]
+    fn numpy_sum_matches_numpy() {
+        // np.sum(((np.arange(1, n + 1) * 0.1) ** 2) / m) from numpy 2.4; a sequential sum
+        // gives a different last digit in each case
+        let v = |n: usize, m: f64| {
+            (1..=n)
+                .map(|i| (i as f64 * 0.1) * (i as f64 * 0.1) / m)
+                .collect::<Vec<f64>>()
+        };
+        assert_eq!(numpy_sum(&v(50, 7.0)), 61.32142857142858);
+        assert_eq!(numpy_sum(&v(129, 11.0)), 658.0954545454547);
+        assert_eq!(numpy_sum(&v(300, 3.0)), 30150.16666666667);
+        assert_ne!(v(50, 7.0).iter().sum::<f64>(), 61.32142857142858);
+        assert_eq!(numpy_sum(&[]), 0.0);
+        // same value as exact summation up to rounding
+        let x: Vec<f64> = (0..1000).map(|i| ((i * 37) % 101) as f64 * 0.013).collect();
+        let naive: f64 = x.iter().sum();
+        assert!((numpy_sum(&x) - naive).abs() < 1e-9);
     }
 
     #[test]
