@@ -39,3 +39,12 @@ rs_celltypist_predict <- function(p, i, x, nrow, ncol, dense, genes, features, c
 #' @noRd
 rs_celltypist_vote <- function(labels, label_names, clusters, n_clusters, min_prop) .Call(wrap__rs_celltypist_vote, labels, label_names, clusters, n_clusters, min_prop)
 
+#' Exact kNN of query cells among reference cells and scArches' weighted vote.
+#' Embeddings are cells x dims, column-major. `codes` holds `n_cols` label columns one
+#' after the other (0-based codes in sorted label order); `n_levels` their level counts.
+#' Returns 1-based neighbour indices and distances (query-major, k per cell), and per
+#' column (column after column) the 0-based best code (-1: none), its probability and
+#' the uncertainty.
+#' @noRd
+rs_knn_transfer <- function(reference, n_ref, ref_dim, query, n_query, query_dim, k, codes, n_levels, n_threads) .Call(wrap__rs_knn_transfer, reference, n_ref, ref_dim, query, n_query, query_dim, k, codes, n_levels, n_threads)
+

@@ -13,6 +13,7 @@ use scannot_core::{ScError, ScResult};
 
 mod celltypist;
 mod convert;
+mod knn;
 use convert::{guard, threads};
 
 /// Matrix arguments as the R side passes them: dgCMatrix slots, or a dense column-major
@@ -180,6 +181,7 @@ fn rs_data_address(x: &[f64]) -> String {
 extendr_module! {
     mod scannot;
     use celltypist;
+    use knn;
     fn rs_data_address;
     fn rs_dotplot;
     fn rs_log_normalize;

@@ -6,6 +6,7 @@
 pub mod celltypist;
 pub mod dotplot;
 pub mod error;
+pub mod knn;
 pub mod matrix;
 pub mod normalize;
 pub mod pickle;
