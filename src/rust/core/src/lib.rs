@@ -5,6 +5,7 @@
 
 pub mod dotplot;
 pub mod error;
+pub mod h5ad;
 pub mod matrix;
 pub mod normalize;
 pub mod pickle;
