@@ -12,6 +12,7 @@ use scannot_core::matrix::{CscView, DenseView, ExprMatrix};
 use scannot_core::{ScError, ScResult};
 
 mod convert;
+mod h5ad;
 use convert::{guard, threads};
 
 /// Matrix arguments as the R side passes them: dgCMatrix slots, or a dense column-major
@@ -178,6 +179,7 @@ fn rs_data_address(x: &[f64]) -> String {
 
 extendr_module! {
     mod scannot;
+    use h5ad;
     fn rs_data_address;
     fn rs_dotplot;
     fn rs_log_normalize;
