@@ -145,3 +145,14 @@ test_that("write is atomic and bad files give scannot errors", {
   }
   expect_error(read_h5ad_obsm(fx("seedlike.h5ad"), "X_nope"), class = "scannot_error_input")
 })
+
+test_that("legacy anndata 0.7 (__categories, h5sparse attributes) and 0.8 files read as anndata does", {
+  for (name in c("legacy_0_7_8", "legacy_0_8_0")) {
+    g <- golden(name)
+    a <- read_h5ad(fx(paste0(name, ".h5ad")), as = "list")
+    expect_equal(unname(as.matrix(a$X)), golden_matrix(g$X), tolerance = 0, info = name)
+    expect_frame_equal_golden(a$obs, g$obs)
+    expect_equal(unname(a$obsm$X_pca), t(golden_matrix(g$obsm$X_pca)), tolerance = 0)
+    expect_equal(a$uns$clusters$resolution, 0.5)
+  }
+})
