@@ -244,7 +244,7 @@ h5ad_to_seurat <- function(a) {
 #' f <- tempfile(fileext = ".h5ad")
 #' write_h5ad(sce, f)
 #' head(read_h5ad_obs(f))
-#' dim(read_h5ad_obsm(f, "X_PCA"))
+#' dim(read_h5ad_obsm(f, "PCA"))
 read_h5ad_obs <- function(path) {
   call <- rlang::current_env()
   h5ad_elem(check_h5ad_path(path), "obs", call)

@@ -39,17 +39,29 @@ fn named_list(items: Vec<(String, Robj)>) -> ScResult<Robj> {
 /// Mask -> NA, in the R type of the values.
 fn masked(values: &Values, mask: &[bool]) -> Robj {
     match values {
-        Values::F64(x) => Doubles::from_values(
-            x.iter().zip(mask).map(|(&a, &m)| if m { Rfloat::na() } else { Rfloat::from(a) }),
-        )
+        Values::F64(x) => Doubles::from_values(x.iter().zip(mask).map(|(&a, &m)| {
+            if m {
+                Rfloat::na()
+            } else {
+                Rfloat::from(a)
+            }
+        }))
         .into(),
-        Values::Int(x) => Integers::from_values(
-            x.iter().zip(mask).map(|(&a, &m)| if m { Rint::na() } else { Rint::from(a) }),
-        )
+        Values::Int(x) => Integers::from_values(x.iter().zip(mask).map(|(&a, &m)| {
+            if m {
+                Rint::na()
+            } else {
+                Rint::from(a)
+            }
+        }))
         .into(),
-        Values::Bool(x) => Logicals::from_values(
-            x.iter().zip(mask).map(|(&a, &m)| if m { Rbool::na() } else { Rbool::from(a) }),
-        )
+        Values::Bool(x) => Logicals::from_values(x.iter().zip(mask).map(|(&a, &m)| {
+            if m {
+                Rbool::na()
+            } else {
+                Rbool::from(a)
+            }
+        }))
         .into(),
         Values::Str(x) => Strings::from_values(x.iter().zip(mask).map(|(s, &m)| match (s, m) {
             (Some(s), false) => Rstr::from(s.as_str()),
@@ -102,8 +114,12 @@ fn elem_robj(e: &Elem) -> ScResult<Robj> {
                 let t = |k: usize| (k % r) * c + k / r; // R position k -> row-major index
                 let out: Robj = match values {
                     Values::F64(x) => Doubles::from_values((0..r * c).map(|k| x[t(k)])).into(),
-                    Values::Int(x) => Integers::from_values((0..r * c).map(|k| Rint::from(x[t(k)]))).into(),
-                    Values::Bool(x) => Logicals::from_values((0..r * c).map(|k| Rbool::from(x[t(k)]))).into(),
+                    Values::Int(x) => {
+                        Integers::from_values((0..r * c).map(|k| Rint::from(x[t(k)]))).into()
+                    }
+                    Values::Bool(x) => {
+                        Logicals::from_values((0..r * c).map(|k| Rbool::from(x[t(k)]))).into()
+                    }
                     Values::Str(x) => Strings::from_values((0..r * c).map(|k| match &x[t(k)] {
                         Some(s) => Rstr::from(s.as_str()),
                         None => Rstr::na(),
@@ -119,14 +135,27 @@ fn elem_robj(e: &Elem) -> ScResult<Robj> {
             }
         },
         Elem::Sparse(s) => sparse_robj(s)?,
-        Elem::Categorical { codes, categories, ordered } => {
-            let codes = Integers::from_values(
-                codes.iter().map(|&c| if c < 0 { Rint::na() } else { Rint::from(c + 1) }),
-            );
+        Elem::Categorical {
+            codes,
+            categories,
+            ordered,
+        } => {
+            let codes = Integers::from_values(codes.iter().map(|&c| {
+                if c < 0 {
+                    Rint::na()
+                } else {
+                    Rint::from(c + 1)
+                }
+            }));
             let levels = categories.to_strings();
             let mut seen = std::collections::HashSet::new();
-            if levels.iter().any(|l| l.is_none() || !seen.insert(l.clone())) {
-                return Err(ScError::Format("categorical with missing or duplicated categories".into()));
+            if levels
+                .iter()
+                .any(|l| l.is_none() || !seen.insert(l.clone()))
+            {
+                return Err(ScError::Format(
+                    "categorical with missing or duplicated categories".into(),
+                ));
             }
             let out = set(codes.into(), "levels", r_values(&Values::Str(levels)))?;
             if *ordered {
@@ -144,7 +173,12 @@ fn elem_robj(e: &Elem) -> ScResult<Robj> {
                 .collect::<ScResult<Vec<_>>>()?,
         )?,
         Elem::Record(fields) => {
-            let l = named_list(fields.iter().map(|(k, v)| (k.clone(), r_values(v))).collect())?;
+            let l = named_list(
+                fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), r_values(v)))
+                    .collect(),
+            )?;
             set(l, "class", "scannot_h5ad_record")?
         }
     })
@@ -205,9 +239,18 @@ fn rs_h5ad_read_matrix(path: &str, elem: &str) -> Result<List> {
         let mut x = Robj::alloc_vector(SEXPTYPE::REALSXP, m.nnz);
         if m.kind == MatrixKind::Dense {
             m.read_dense_into(x.as_real_slice_mut().unwrap_or(&mut []))?;
-            return Ok(list!(kind = kind, shape = shape, integer = m.integer, x = x));
+            return Ok(list!(
+                kind = kind,
+                shape = shape,
+                integer = m.integer,
+                x = x
+            ));
         }
-        let major = if m.kind == MatrixKind::Csr { m.shape[0] } else { m.shape[1] };
+        let major = if m.kind == MatrixKind::Csr {
+            m.shape[0]
+        } else {
+            m.shape[1]
+        };
         let mut i = Robj::alloc_vector(SEXPTYPE::INTSXP, m.nnz);
         let mut p = Robj::alloc_vector(SEXPTYPE::INTSXP, major + 1);
         m.read_sparse_into(
@@ -215,7 +258,14 @@ fn rs_h5ad_read_matrix(path: &str, elem: &str) -> Result<List> {
             i.as_integer_slice_mut().unwrap_or(&mut []),
             p.as_integer_slice_mut().unwrap_or(&mut []),
         )?;
-        Ok(list!(kind = kind, shape = shape, integer = m.integer, x = x, i = i, p = p))
+        Ok(list!(
+            kind = kind,
+            shape = shape,
+            integer = m.integer,
+            x = x,
+            i = i,
+            p = p
+        ))
     })
 }
 
@@ -223,7 +273,9 @@ fn str_vec(x: &Robj, what: &str) -> ScResult<Vec<Option<String>>> {
     let it = x
         .as_str_iter()
         .ok_or_else(|| ScError::Input(format!("{what}: expected a character vector")))?;
-    Ok(it.map(|s| if s.is_na() { None } else { Some(s.to_string()) }).collect())
+    Ok(it
+        .map(|s| if s.is_na() { None } else { Some(s.to_string()) })
+        .collect())
 }
 
 /// R object -> element. Lists carrying a `scannot_h5ad` class attribute are typed
@@ -237,7 +289,9 @@ fn robj_elem(x: &Robj, path: &str) -> ScResult<Elem> {
             .into_iter()
             .map(|s| s.ok_or_else(|| bad("row names must not be NA")))
             .collect::<ScResult<Vec<_>>>()?;
-        let cols = get("columns").and_then(|c| c.as_list()).ok_or_else(|| bad("no columns"))?;
+        let cols = get("columns")
+            .and_then(|c| c.as_list())
+            .ok_or_else(|| bad("no columns"))?;
         let columns = cols
             .iter()
             .map(|(n, v)| {
@@ -248,16 +302,27 @@ fn robj_elem(x: &Robj, path: &str) -> ScResult<Elem> {
                     Elem::Array { shape, .. } if shape.is_empty() && index.len() == 1 => {}
                     Elem::Categorical { codes, .. } if codes.len() == index.len() => {}
                     Elem::Nullable { mask, .. } if mask.len() == index.len() => {}
-                    _ => return Err(bad(&format!("column '{n}' is not a vector with one value per row"))),
+                    _ => {
+                        return Err(bad(&format!(
+                            "column '{n}' is not a vector with one value per row"
+                        )))
+                    }
                 }
                 let el = match el {
-                    Elem::Array { values, .. } => Elem::Array { shape: vec![index.len()], values },
+                    Elem::Array { values, .. } => Elem::Array {
+                        shape: vec![index.len()],
+                        values,
+                    },
                     e => e,
                 };
                 Ok((n.to_string(), el))
             })
             .collect::<ScResult<Vec<_>>>()?;
-        return Ok(Elem::Frame(Frame { index_name: "_index".into(), index, columns }));
+        return Ok(Elem::Frame(Frame {
+            index_name: "_index".into(),
+            index,
+            columns,
+        }));
     }
     if x.is_factor() {
         let codes: Vec<i32> = x
@@ -266,7 +331,11 @@ fn robj_elem(x: &Robj, path: &str) -> ScResult<Elem> {
             .iter()
             .map(|&c| if c == i32::MIN { -1 } else { c - 1 })
             .collect();
-        let levels = x.get_attrib("levels").map(|l| str_vec(&l, path)).transpose()?.unwrap_or_default();
+        let levels = x
+            .get_attrib("levels")
+            .map(|l| str_vec(&l, path))
+            .transpose()?
+            .unwrap_or_default();
         return Ok(Elem::Categorical {
             codes,
             categories: Values::Str(levels),
@@ -278,7 +347,11 @@ fn robj_elem(x: &Robj, path: &str) -> ScResult<Elem> {
             .iter()
             .enumerate()
             .map(|(k, (n, v))| {
-                let key = if n.is_empty() || n == "NA" { k.to_string() } else { n.to_string() };
+                let key = if n.is_empty() || n == "NA" {
+                    k.to_string()
+                } else {
+                    n.to_string()
+                };
                 let sub = format!("{path}/{key}");
                 Ok((key, robj_elem(&v, &sub)?))
             })
@@ -287,11 +360,21 @@ fn robj_elem(x: &Robj, path: &str) -> ScResult<Elem> {
     }
     let n = x.len();
     let (values, na): (Values, Vec<bool>) = match x.rtype() {
-        Rtype::Doubles => (Values::F64(x.as_real_slice().unwrap_or(&[]).to_vec()), vec![]),
+        Rtype::Doubles => (
+            Values::F64(x.as_real_slice().unwrap_or(&[]).to_vec()),
+            vec![],
+        ),
         Rtype::Integers => {
             let v = x.as_integer_slice().unwrap_or(&[]);
             let na: Vec<bool> = v.iter().map(|&a| a == i32::MIN).collect();
-            (Values::Int(v.iter().map(|&a| if a == i32::MIN { 0 } else { a }).collect()), na)
+            (
+                Values::Int(
+                    v.iter()
+                        .map(|&a| if a == i32::MIN { 0 } else { a })
+                        .collect(),
+                ),
+                na,
+            )
         }
         Rtype::Logicals => {
             let v = x.as_logical_slice().unwrap_or(&[]);
@@ -308,7 +391,9 @@ fn robj_elem(x: &Robj, path: &str) -> ScResult<Elem> {
     };
     if na.iter().any(|&m| m) {
         let values = match values {
-            Values::Str(v) => Values::Str(v.into_iter().map(|s| s.or(Some(String::new()))).collect()),
+            Values::Str(v) => {
+                Values::Str(v.into_iter().map(|s| s.or(Some(String::new()))).collect())
+            }
             v => v,
         };
         return Ok(Elem::Nullable { values, mask: na });
@@ -324,7 +409,10 @@ fn robj_elem(x: &Robj, path: &str) -> ScResult<Elem> {
                 Values::Bool(v) => Values::Bool((0..r * c).map(|k| v[t(k)]).collect()),
                 Values::Str(v) => Values::Str((0..r * c).map(|k| v[t(k)].clone()).collect()),
             };
-            return Ok(Elem::Array { shape: vec![r, c], values });
+            return Ok(Elem::Array {
+                shape: vec![r, c],
+                values,
+            });
         }
         Some(_) => return Err(bad("arrays of more than 2 dimensions are not supported")),
         None if n == 1 && x.get_attrib("h5ad_array").is_none() => vec![],
@@ -343,29 +431,46 @@ fn rs_h5ad_write(path: &str, items: List) -> Result<()> {
     guard(|| {
         let w = H5adWriter::create(path)?;
         for (name, v) in items.iter() {
-            let typed = v.as_list().filter(|_| v.inherits("scannot_h5ad_matrix")).and_then(|l| {
-                let ty = l.iter().find(|(n, _)| *n == "type").and_then(|(_, t)| t.as_str().map(|s| s.to_string()));
-                ty.map(|t| (t, l))
-            });
+            let typed = v
+                .as_list()
+                .filter(|_| v.inherits("scannot_h5ad_matrix"))
+                .and_then(|l| {
+                    let ty = l
+                        .iter()
+                        .find(|(n, _)| *n == "type")
+                        .and_then(|(_, t)| t.as_str().map(|s| s.to_string()));
+                    ty.map(|t| (t, l))
+                });
             match typed {
                 Some((t, l)) if t == "sparse" || t == "dense" => {
                     let get = |k: &str| l.iter().find(|(n, _)| *n == k).map(|(_, v)| v);
                     let shape = get("shape")
-                        .and_then(|s| s.as_real_vector().or_else(|| s.as_integer_vector().map(|v| v.iter().map(|&a| a as f64).collect())))
+                        .and_then(|s| {
+                            s.as_real_vector().or_else(|| {
+                                s.as_integer_vector()
+                                    .map(|v| v.iter().map(|&a| a as f64).collect())
+                            })
+                        })
                         .filter(|s| s.len() == 2)
                         .ok_or_else(|| ScError::Input(format!("'{name}': bad shape")))?;
                     let shape = [shape[0] as usize, shape[1] as usize];
                     let f32 = get("f32").and_then(|b| b.as_bool()).unwrap_or(false);
                     let xr = get("x").ok_or_else(|| ScError::Input(format!("'{name}': no x")))?;
-                    let x = xr.as_real_slice().ok_or_else(|| ScError::Input(format!("'{name}': x must be double")))?;
+                    let x = xr
+                        .as_real_slice()
+                        .ok_or_else(|| ScError::Input(format!("'{name}': x must be double")))?;
                     if t == "dense" {
                         if x.len() != shape[0] * shape[1] {
-                            return Err(ScError::Dims(format!("'{name}': values do not match the shape")));
+                            return Err(ScError::Dims(format!(
+                                "'{name}': values do not match the shape"
+                            )));
                         }
                         w.write_dense(name, shape, x, f32)?;
                     } else {
-                        let ir = get("i").ok_or_else(|| ScError::Input(format!("'{name}': no i")))?;
-                        let pr = get("p").ok_or_else(|| ScError::Input(format!("'{name}': no p")))?;
+                        let ir =
+                            get("i").ok_or_else(|| ScError::Input(format!("'{name}': no i")))?;
+                        let pr =
+                            get("p").ok_or_else(|| ScError::Input(format!("'{name}': no p")))?;
                         let csr = get("csr").and_then(|b| b.as_bool()).unwrap_or(true);
                         w.write_sparse(
                             name,

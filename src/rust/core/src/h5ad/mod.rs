@@ -85,7 +85,10 @@ pub struct Sparse {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Elem {
     /// Dense array, row-major (C order) `shape`; `shape` is empty for a scalar.
-    Array { shape: Vec<usize>, values: Values },
+    Array {
+        shape: Vec<usize>,
+        values: Values,
+    },
     Sparse(Sparse),
     /// Codes are 0-based; -1 is missing.
     Categorical {
@@ -94,7 +97,10 @@ pub enum Elem {
         ordered: bool,
     },
     /// Nullable integer / boolean / string array: `mask[i]` true = missing.
-    Nullable { values: Values, mask: Vec<bool> },
+    Nullable {
+        values: Values,
+        mask: Vec<bool>,
+    },
     Frame(Frame),
     Dict(Vec<(String, Elem)>),
     /// Structured (record) array: one column per field, in field order.

@@ -11,8 +11,8 @@ use hdf5_sys::h5p::H5P_DEFAULT;
 use hdf5_sys::h5s::H5S_ALL;
 use hdf5_sys::h5t::{
     H5T_class_t, H5T_direction_t, H5T_sign_t, H5Tclose, H5Tget_class, H5Tget_member_name,
-    H5Tget_member_offset, H5Tget_member_type, H5Tget_native_type, H5Tget_nmembers,
-    H5Tget_sign, H5Tget_size, H5Tis_variable_str,
+    H5Tget_member_offset, H5Tget_member_type, H5Tget_native_type, H5Tget_nmembers, H5Tget_sign,
+    H5Tget_size, H5Tis_variable_str,
 };
 
 use super::{Elem, Frame, MatrixKind, Sparse, Values};
@@ -49,7 +49,9 @@ impl H5ad {
     /// Open a file and check that it looks like an AnnData file.
     pub fn open(path: &str) -> ScResult<Self> {
         if !std::path::Path::new(path).is_file() {
-            return Err(ScError::Format(format!("'{path}' does not exist or is not a file")));
+            return Err(ScError::Format(format!(
+                "'{path}' does not exist or is not a file"
+            )));
         }
         hdf5::silence_errors(true);
         let file = hdf5::File::open(path).map_err(|e| {
@@ -114,7 +116,8 @@ impl H5ad {
             .file
             .group(path)
             .map_err(|e| ferr(&format!("'{path}' is not a group"), e))?;
-        g.member_names().map_err(|e| ferr(&format!("cannot list '{path}'"), e))
+        g.member_names()
+            .map_err(|e| ferr(&format!("cannot list '{path}'"), e))
     }
 
     /// Read any element.
@@ -133,16 +136,33 @@ impl H5ad {
                 let mut columns = vec![];
                 for (name, v) in fields {
                     if name == "index" && index.is_none() {
-                        index = Some(v.to_strings().into_iter().map(|s| s.unwrap_or_default()).collect());
+                        index = Some(
+                            v.to_strings()
+                                .into_iter()
+                                .map(|s| s.unwrap_or_default())
+                                .collect(),
+                        );
                     } else {
                         let n = v.len();
-                        columns.push((name, Elem::Array { shape: vec![n], values: v }));
+                        columns.push((
+                            name,
+                            Elem::Array {
+                                shape: vec![n],
+                                values: v,
+                            },
+                        ));
                     }
                 }
                 let index = index.ok_or_else(|| {
-                    ScError::Format(format!("'{path}' is a record array without an 'index' field"))
+                    ScError::Format(format!(
+                        "'{path}' is a record array without an 'index' field"
+                    ))
                 })?;
-                Ok(Frame { index_name: "index".into(), index, columns })
+                Ok(Frame {
+                    index_name: "index".into(),
+                    index,
+                    columns,
+                })
             }
             _ => Err(ScError::Format(format!("'{path}' is not a data frame"))),
         }
@@ -194,14 +214,21 @@ impl H5ad {
                         major + 1
                     )));
                 }
-                if nnz > i32::MAX as usize || shape[0] > i32::MAX as usize || shape[1] > i32::MAX as usize {
+                if nnz > i32::MAX as usize
+                    || shape[0] > i32::MAX as usize
+                    || shape[1] > i32::MAX as usize
+                {
                     return Err(ScError::Format(format!(
                         "sparse matrix '{path}' has {nnz} entries or a dimension beyond 2^31-1, \
                          which R's dgCMatrix cannot hold"
                     )));
                 }
                 Ok(MatrixInfo {
-                    kind: if csr { MatrixKind::Csr } else { MatrixKind::Csc },
+                    kind: if csr {
+                        MatrixKind::Csr
+                    } else {
+                        MatrixKind::Csc
+                    },
                     shape,
                     nnz,
                     integer,
@@ -226,9 +253,7 @@ impl H5ad {
                 };
                 let integer = is_integer(&ds)?;
                 if !integer && !is_float(&ds)? {
-                    return Err(ScError::Format(format!(
-                        "matrix '{path}' is not numeric"
-                    )));
+                    return Err(ScError::Format(format!("matrix '{path}' is not numeric")));
                 }
                 Ok(MatrixInfo {
                     kind: MatrixKind::Dense,
@@ -267,9 +292,8 @@ fn descriptor(c: &Container) -> ScResult<TypeDescriptor> {
 
 /// `(is_csr, shape)` of a sparse group, from anndata >= 0.8 or legacy attributes.
 fn sparse_header(g: &Group, path: &str) -> ScResult<(bool, [usize; 2])> {
-    let enc = attr_string(g, "encoding-type").or_else(|| {
-        attr_string(g, "h5sparse_format").map(|f| format!("{f}_matrix"))
-    });
+    let enc = attr_string(g, "encoding-type")
+        .or_else(|| attr_string(g, "h5sparse_format").map(|f| format!("{f}_matrix")));
     let csr = match enc.as_deref() {
         Some("csr_matrix") => true,
         Some("csc_matrix") => false,
@@ -279,7 +303,11 @@ fn sparse_header(g: &Group, path: &str) -> ScResult<(bool, [usize; 2])> {
             )))
         }
     };
-    let shape_attr = if g.attr_names().map(|a| a.iter().any(|n| n == "shape")).unwrap_or(false) {
+    let shape_attr = if g
+        .attr_names()
+        .map(|a| a.iter().any(|n| n == "shape"))
+        .unwrap_or(false)
+    {
         "shape"
     } else {
         "h5sparse_shape"
@@ -309,7 +337,9 @@ impl MatrixInfo {
             _ => (self.shape[1], self.shape[0]),
         };
         if x.len() != self.nnz || i.len() != self.nnz || p.len() != major + 1 {
-            return Err(ScError::Dims("buffer lengths do not match the matrix".into()));
+            return Err(ScError::Dims(
+                "buffer lengths do not match the matrix".into(),
+            ));
         }
         let ctx = |what: &str| {
             let name = self.name.clone();
@@ -317,7 +347,17 @@ impl MatrixInfo {
             move |e: hdf5::Error| ferr(&format!("cannot read '{name}/{what}'"), e)
         };
         if self.nnz > 0 {
-            self.data.as_reader().read_into_raw(x).map_err(ctx("data"))?;
+            if matches!(
+                descriptor(&self.data)?,
+                TypeDescriptor::Float(hdf5::types::FloatSize::U4)
+            ) {
+                read_f32_widen(&self.data, x).map_err(ctx("data"))?;
+            } else {
+                self.data
+                    .as_reader()
+                    .read_into_raw(x)
+                    .map_err(ctx("data"))?;
+            }
             ind.as_reader().read_into_raw(i).map_err(ctx("indices"))?;
         }
         ptr.as_reader().read_into_raw(p).map_err(ctx("indptr"))?;
@@ -331,7 +371,9 @@ impl MatrixInfo {
             return Err(ScError::Format(format!("'{}' is not dense", self.name)));
         }
         if x.len() != self.nnz {
-            return Err(ScError::Dims("buffer length does not match the matrix".into()));
+            return Err(ScError::Dims(
+                "buffer length does not match the matrix".into(),
+            ));
         }
         if self.nnz == 0 {
             return Ok(());
@@ -366,6 +408,27 @@ impl MatrixInfo {
     }
 }
 
+/// Read float32 values into an f64 buffer without a second buffer and without HDF5's
+/// (slow) soft conversion: the raw f32 go into the upper half of `x`'s bytes, then are
+/// widened front to back (writing `x[k]` only touches bytes of f32 values `<= k`,
+/// which have already been consumed).
+fn read_f32_widen(ds: &Dataset, x: &mut [f64]) -> hdf5::Result<()> {
+    let n = x.len();
+    let base = x.as_mut_ptr();
+    // SAFETY: bytes [4n, 8n) of x, aligned to 4, are viewed as n f32 while nothing else
+    // borrows x; the widening loop uses raw pointers only.
+    unsafe {
+        let upper = std::slice::from_raw_parts_mut(base.cast::<f32>().add(n), n);
+        ds.as_reader().read_into_raw(upper)?;
+        let src = base.cast::<f32>().add(n);
+        for k in 0..n {
+            let v = src.add(k).read();
+            base.add(k).write(v as f64);
+        }
+    }
+    Ok(())
+}
+
 /// Validate compressed-sparse structure; sort indices inside slices where needed.
 pub(crate) fn check_compressed(
     name: &str,
@@ -376,7 +439,11 @@ pub(crate) fn check_compressed(
     i: &mut [i32],
     x: &mut [f64],
 ) -> ScResult<()> {
-    let bad = |what: String| Err(ScError::Format(format!("sparse matrix '{name}' is corrupt: {what}")));
+    let bad = |what: String| {
+        Err(ScError::Format(format!(
+            "sparse matrix '{name}' is corrupt: {what}"
+        )))
+    };
     if p.len() != major + 1 || p[0] != 0 || p[major] as i64 != nnz as i64 {
         return bad(format!(
             "indptr must run from 0 to {nnz}, got {} to {}",
@@ -467,18 +534,18 @@ fn read_strings(c: &Container) -> ScResult<Vec<Option<String>>> {
         TypeDescriptor::VarLenUnicode => {
             check_vlen_heap(c)?;
             c.read_raw::<VarLenUnicode>()
-            .map_err(e)?
-            .into_iter()
-            .map(|s| Some(s.as_str().to_string()))
-            .collect()
+                .map_err(e)?
+                .into_iter()
+                .map(|s| Some(s.as_str().to_string()))
+                .collect()
         }
         TypeDescriptor::VarLenAscii => {
             check_vlen_heap(c)?;
             c.read_raw::<VarLenAscii>()
-            .map_err(e)?
-            .into_iter()
-            .map(|s| Some(s.as_str().to_string()))
-            .collect()
+                .map_err(e)?
+                .into_iter()
+                .map(|s| Some(s.as_str().to_string()))
+                .collect()
         }
         TypeDescriptor::FixedAscii(n) | TypeDescriptor::FixedUnicode(n) => {
             let count = c.space().map_err(e)?.size();
@@ -511,7 +578,14 @@ fn read_native_bytes(c: &Container, nbytes: usize) -> ScResult<Vec<u8>> {
         if is_attr {
             hdf5_sys::h5a::H5Aread(id, tid, buf.as_mut_ptr().cast::<c_void>())
         } else {
-            H5Dread(id, tid, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.as_mut_ptr().cast::<c_void>())
+            H5Dread(
+                id,
+                tid,
+                H5S_ALL,
+                H5S_ALL,
+                H5P_DEFAULT,
+                buf.as_mut_ptr().cast::<c_void>(),
+            )
         }
     });
     if rc < 0 {
@@ -531,9 +605,9 @@ fn read_values(c: &Container, path: &str) -> ScResult<Values> {
             ints_to_values(v)
         }
         TypeDescriptor::Boolean => Values::Bool(c.read_raw::<bool>().map_err(e)?),
-        ref t if is_string_type(t) => Values::Str(
-            read_strings(c).map_err(|er| ScError::Format(format!("'{path}': {er}")))?,
-        ),
+        ref t if is_string_type(t) => {
+            Values::Str(read_strings(c).map_err(|er| ScError::Format(format!("'{path}': {er}")))?)
+        }
         other => {
             return Err(ScError::Format(format!(
                 "'{path}' has unsupported HDF5 type {other}"
@@ -543,7 +617,9 @@ fn read_values(c: &Container, path: &str) -> ScResult<Values> {
 }
 
 fn ints_to_values(v: Vec<i64>) -> Values {
-    if v.iter().all(|&x| x > i32::MIN as i64 && x <= i32::MAX as i64) {
+    if v.iter()
+        .all(|&x| x > i32::MIN as i64 && x <= i32::MAX as i64)
+    {
         Values::Int(v.into_iter().map(|x| x as i32).collect())
     } else {
         Values::F64(v.into_iter().map(|x| x as f64).collect())
@@ -571,9 +647,13 @@ fn read_elem(
                 Some("dataframe") => read_frame(&g, path, skipped).map(Elem::Frame),
                 None if has_attr(&g, "_index") => read_frame(&g, path, skipped).map(Elem::Frame),
                 Some("categorical") => read_categorical(&g, path),
-                Some("nullable-integer") | Some("nullable-boolean")
+                Some("nullable-integer")
+                | Some("nullable-boolean")
                 | Some("nullable-string-array") => {
-                    let values = { let d = g.dataset("values").map_err(ctx)?; read_values(&d, path)? };
+                    let values = {
+                        let d = g.dataset("values").map_err(ctx)?;
+                        read_values(&d, path)?
+                    };
                     let mask = match g.dataset("mask") {
                         Ok(m) => m.read_raw::<bool>().map_err(ctx)?,
                         Err(_) => vec![false; values.len()],
@@ -632,7 +712,10 @@ fn read_elem(
 fn read_sparse_group(g: &Group, path: &str) -> ScResult<Sparse> {
     let (csr, shape) = sparse_header(g, path)?;
     let ctx = |e: hdf5::Error| ferr(&format!("cannot read sparse matrix '{path}'"), e);
-    let data = { let d = g.dataset("data").map_err(ctx)?; read_values(&d, path)? };
+    let data = {
+        let d = g.dataset("data").map_err(ctx)?;
+        read_values(&d, path)?
+    };
     let mut x: Vec<f64> = match &data {
         Values::F64(v) => v.clone(),
         Values::Int(v) => v.iter().map(|&a| a as f64).collect(),
@@ -640,32 +723,62 @@ fn read_sparse_group(g: &Group, path: &str) -> ScResult<Sparse> {
         Values::Str(_) => return Err(ScError::Format(format!("'{path}' has string values"))),
     };
     let read_i32 = |n: &str| -> ScResult<Vec<i32>> {
-        let v: Vec<i64> = g.dataset(n).and_then(|d| d.read_raw::<i64>()).map_err(ctx)?;
+        let v: Vec<i64> = g
+            .dataset(n)
+            .and_then(|d| d.read_raw::<i64>())
+            .map_err(ctx)?;
         v.into_iter()
-            .map(|a| i32::try_from(a).map_err(|_| ScError::Format(format!("'{path}/{n}' has an entry beyond 2^31"))))
+            .map(|a| {
+                i32::try_from(a)
+                    .map_err(|_| ScError::Format(format!("'{path}/{n}' has an entry beyond 2^31")))
+            })
             .collect()
     };
     let mut indices = read_i32("indices")?;
     let indptr = read_i32("indptr")?;
-    let (major, minor) = if csr { (shape[0], shape[1]) } else { (shape[1], shape[0]) };
+    let (major, minor) = if csr {
+        (shape[0], shape[1])
+    } else {
+        (shape[1], shape[0])
+    };
     if indices.len() != x.len() {
-        return Err(ScError::Format(format!("'{path}': indices and data differ in length")));
+        return Err(ScError::Format(format!(
+            "'{path}': indices and data differ in length"
+        )));
     }
     check_compressed(path, major, minor, x.len(), &indptr, &mut indices, &mut x)?;
     let data = match data {
         Values::Int(_) => Values::Int(x.iter().map(|&a| a as i32).collect()),
         _ => Values::F64(x),
     };
-    Ok(Sparse { csr, shape, data, indices, indptr })
+    Ok(Sparse {
+        csr,
+        shape,
+        data,
+        indices,
+        indptr,
+    })
 }
 
 fn read_categorical(g: &Group, path: &str) -> ScResult<Elem> {
     let ctx = |e: hdf5::Error| ferr(&format!("cannot read categorical '{path}'"), e);
-    let codes_v: Vec<i64> = g.dataset("codes").and_then(|d| d.read_raw::<i64>()).map_err(ctx)?;
-    let categories = { let d = g.dataset("categories").map_err(ctx)?; read_values(&d, path)? };
+    let codes_v: Vec<i64> = g
+        .dataset("codes")
+        .and_then(|d| d.read_raw::<i64>())
+        .map_err(ctx)?;
+    let categories = {
+        let d = g.dataset("categories").map_err(ctx)?;
+        read_values(&d, path)?
+    };
     let ordered = if has_attr(g, "ordered") {
-        g.attr("ordered").and_then(|a| a.read_raw::<bool>()).map(|v| v.first().copied().unwrap_or(false))
-            .or_else(|_| g.attr("ordered").and_then(|a| a.read_raw::<i8>()).map(|v| v.first().copied().unwrap_or(0) != 0))
+        g.attr("ordered")
+            .and_then(|a| a.read_raw::<bool>())
+            .map(|v| v.first().copied().unwrap_or(false))
+            .or_else(|_| {
+                g.attr("ordered")
+                    .and_then(|a| a.read_raw::<i8>())
+                    .map(|v| v.first().copied().unwrap_or(0) != 0)
+            })
             .map_err(ctx)?
     } else {
         false
@@ -688,14 +801,20 @@ fn categorical(codes: Vec<i64>, categories: Values, ordered: bool, path: &str) -
             }
         })
         .collect::<ScResult<Vec<i32>>>()?;
-    Ok(Elem::Categorical { codes, categories, ordered })
+    Ok(Elem::Categorical {
+        codes,
+        categories,
+        ordered,
+    })
 }
 
 fn read_frame(g: &Group, path: &str, skipped: &std::cell::RefCell<Vec<String>>) -> ScResult<Frame> {
     let index_name = attr_string(g, "_index").unwrap_or_else(|| "_index".to_string());
     let ctx = format!("data frame '{path}'");
     if !g.link_exists(&index_name) {
-        return Err(ScError::Format(format!("{ctx} has no index dataset '{index_name}'")));
+        return Err(ScError::Format(format!(
+            "{ctx} has no index dataset '{index_name}'"
+        )));
     }
     let idx_ds = g
         .dataset(&index_name)
@@ -710,7 +829,9 @@ fn read_frame(g: &Group, path: &str, skipped: &std::cell::RefCell<Vec<String>>) 
     for col in order {
         let sub = format!("{path}/{col}");
         if !g.link_exists(&col) {
-            return Err(ScError::Format(format!("{ctx}: column '{col}' is listed but missing")));
+            return Err(ScError::Format(format!(
+                "{ctx}: column '{col}' is listed but missing"
+            )));
         }
         // anndata 0.7: categorical codes with a `categories` reference into __categories/
         let legacy_cat = g
@@ -726,7 +847,10 @@ fn read_frame(g: &Group, path: &str, skipped: &std::cell::RefCell<Vec<String>>) 
             let categories = read_values(&cats, &sub)?;
             let codes: Vec<i64> = d.read_raw::<i64>().map_err(|e| ferr(&sub, e))?;
             let ordered = if has_attr(&d, "ordered") {
-                d.attr("ordered").and_then(|a| a.read_raw::<bool>()).map(|v| v.first().copied().unwrap_or(false)).unwrap_or(false)
+                d.attr("ordered")
+                    .and_then(|a| a.read_raw::<bool>())
+                    .map(|v| v.first().copied().unwrap_or(false))
+                    .unwrap_or(false)
             } else {
                 false
             };
@@ -745,13 +869,18 @@ fn read_frame(g: &Group, path: &str, skipped: &std::cell::RefCell<Vec<String>>) 
         if len != Some(index.len()) {
             return Err(ScError::Format(format!(
                 "{ctx}: column '{col}' has {} values for {} rows",
-                len.map(|l| l.to_string()).unwrap_or_else(|| "a non-column element with".into()),
+                len.map(|l| l.to_string())
+                    .unwrap_or_else(|| "a non-column element with".into()),
                 index.len()
             )));
         }
         columns.push((col, el));
     }
-    Ok(Frame { index_name, index, columns })
+    Ok(Frame {
+        index_name,
+        index,
+        columns,
+    })
 }
 
 fn elem_len(el: &Elem) -> Option<usize> {
@@ -786,7 +915,14 @@ fn read_record(ds: &Dataset, path: &str) -> ScResult<Vec<(String, Values)>> {
             return Err(bad("invalid compound type"));
         }
         let mut buf = vec![0u8; size * n];
-        let rc = H5Dread(id, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.as_mut_ptr().cast());
+        let rc = H5Dread(
+            id,
+            mtype,
+            H5S_ALL,
+            H5S_ALL,
+            H5P_DEFAULT,
+            buf.as_mut_ptr().cast(),
+        );
         if rc < 0 {
             H5Tclose(mtype);
             return Err(bad("cannot read"));
@@ -810,12 +946,21 @@ fn read_record(ds: &Dataset, path: &str) -> ScResult<Vec<(String, Values)>> {
             let at = |k: usize| &buf[k * size + off..k * size + off + msize];
             let vals = match class {
                 H5T_class_t::H5T_FLOAT => match msize {
-                    4 => Some(Values::F64((0..n).map(|k| f32::from_ne_bytes(at(k).try_into().unwrap()) as f64).collect())),
-                    8 => Some(Values::F64((0..n).map(|k| f64::from_ne_bytes(at(k).try_into().unwrap())).collect())),
+                    4 => Some(Values::F64(
+                        (0..n)
+                            .map(|k| f32::from_ne_bytes(at(k).try_into().unwrap()) as f64)
+                            .collect(),
+                    )),
+                    8 => Some(Values::F64(
+                        (0..n)
+                            .map(|k| f64::from_ne_bytes(at(k).try_into().unwrap()))
+                            .collect(),
+                    )),
                     _ => None,
                 },
                 H5T_class_t::H5T_INTEGER | H5T_class_t::H5T_ENUM => {
-                    let signed = class == H5T_class_t::H5T_ENUM || H5Tget_sign(mt) == H5T_sign_t::H5T_SGN_2;
+                    let signed =
+                        class == H5T_class_t::H5T_ENUM || H5Tget_sign(mt) == H5T_sign_t::H5T_SGN_2;
                     let v: Option<Vec<i64>> = (0..n)
                         .map(|k| {
                             let b = at(k);
@@ -845,7 +990,8 @@ fn read_record(ds: &Dataset, path: &str) -> ScResult<Vec<(String, Values)>> {
                         Some(Values::Str(
                             (0..n)
                                 .map(|k| {
-                                    let p = usize::from_ne_bytes(at(k).try_into().unwrap()) as *const c_char;
+                                    let p = usize::from_ne_bytes(at(k).try_into().unwrap())
+                                        as *const c_char;
                                     if p.is_null() {
                                         None
                                     } else {
@@ -911,7 +1057,9 @@ fn check_vlen_heap(c: &Container) -> ScResult<()> {
     if f.read_exact(&mut sig).is_err() || &sig != b"\x89HDF\r\n\x1a\n" {
         return Ok(());
     }
-    let need = (n as u64).checked_mul(16).ok_or_else(|| bad("size overflow".into()))?;
+    let need = (n as u64)
+        .checked_mul(16)
+        .ok_or_else(|| bad("size overflow".into()))?;
     if offset.checked_add(need).is_none_or(|e| e > flen) {
         return Err(bad("the file is truncated".into()));
     }
@@ -927,14 +1075,19 @@ fn check_vlen_heap(c: &Container) -> ScResult<()> {
         if addr == 0 && len == 0 {
             continue;
         }
-        if !heaps.contains_key(&addr) {
-            let objs = read_heap_collection(&mut f, addr, flen).map_err(bad)?;
-            heaps.insert(addr, objs);
-        }
-        let objs = &heaps[&addr];
+        let objs = match heaps.entry(addr) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(read_heap_collection(&mut f, addr, flen).map_err(bad)?)
+            }
+        };
         match u16::try_from(idx).ok().and_then(|i| objs.get(&i)) {
             Some(&size) if size >= len => {}
-            _ => return Err(bad(format!("heap object {idx} at {addr} is missing or too small"))),
+            _ => {
+                return Err(bad(format!(
+                    "heap object {idx} at {addr} is missing or too small"
+                )))
+            }
         }
     }
     Ok(())
@@ -958,7 +1111,7 @@ fn read_heap_collection(
         return Err(format!("no heap collection at {addr}"));
     }
     let size = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
-    if size < 16 || size > (1 << 32) || addr.checked_add(size).is_none_or(|e| e > flen) {
+    if !(16..=(1 << 32)).contains(&size) || addr.checked_add(size).is_none_or(|e| e > flen) {
         return Err(format!("heap collection at {addr} has an invalid size"));
     }
     let mut body = vec![0u8; (size - 16) as usize];

@@ -77,16 +77,33 @@ fn reads_seedlike_fixture() {
     assert_eq!(
         names,
         [
-            "leiden", "louvain", "stage", "cat_na", "sample", "is_doublet", "n_genes",
-            "total_counts", "pct_mt", "batch_int", "passed"
+            "leiden",
+            "louvain",
+            "stage",
+            "cat_na",
+            "sample",
+            "is_doublet",
+            "n_genes",
+            "total_counts",
+            "pct_mt",
+            "batch_int",
+            "passed"
         ]
     );
     match &obs.columns[2].1 {
-        Elem::Categorical { categories, ordered, .. } => {
+        Elem::Categorical {
+            categories,
+            ordered,
+            ..
+        } => {
             assert!(*ordered);
             assert_eq!(
                 *categories,
-                Values::Str(vec![Some("lo".into()), Some("mid".into()), Some("hi".into())])
+                Values::Str(vec![
+                    Some("lo".into()),
+                    Some("mid".into()),
+                    Some("hi".into())
+                ])
             );
         }
         other => panic!("stage: {other:?}"),
@@ -96,17 +113,25 @@ fn reads_seedlike_fixture() {
         other => panic!("cat_na: {other:?}"),
     }
     match &obs.columns[9].1 {
-        Elem::Nullable { values: Values::Int(v), mask } => {
+        Elem::Nullable {
+            values: Values::Int(v),
+            mask,
+        } => {
             assert!(mask[0] && !mask[1]);
             assert_eq!(v[1], 1);
         }
         other => panic!("batch_int: {other:?}"),
     }
     match &obs.columns[10].1 {
-        Elem::Nullable { values: Values::Bool(_), mask } => assert!(mask[0]),
+        Elem::Nullable {
+            values: Values::Bool(_),
+            mask,
+        } => assert!(mask[0]),
         other => panic!("passed: {other:?}"),
     }
-    let Elem::Dict(uns) = f.read("uns").unwrap() else { panic!() };
+    let Elem::Dict(uns) = f.read("uns").unwrap() else {
+        panic!()
+    };
     let rgg = &uns.iter().find(|k| k.0 == "rank_genes_groups").unwrap().1;
     let Elem::Dict(rgg) = rgg else { panic!() };
     let names = &rgg.iter().find(|k| k.0 == "names").unwrap().1;
@@ -159,9 +184,27 @@ fn round_trip_every_element_type() {
         index_name: "_index".into(),
         index: vec!["a".into(), "b".into(), "c".into()],
         columns: vec![
-            ("num".into(), Elem::Array { shape: vec![3], values: Values::F64(vec![1.5, f64::NAN, -2.0]) }),
-            ("int".into(), Elem::Array { shape: vec![3], values: Values::Int(vec![1, 2, 3]) }),
-            ("flag".into(), Elem::Array { shape: vec![3], values: Values::Bool(vec![true, false, true]) }),
+            (
+                "num".into(),
+                Elem::Array {
+                    shape: vec![3],
+                    values: Values::F64(vec![1.5, f64::NAN, -2.0]),
+                },
+            ),
+            (
+                "int".into(),
+                Elem::Array {
+                    shape: vec![3],
+                    values: Values::Int(vec![1, 2, 3]),
+                },
+            ),
+            (
+                "flag".into(),
+                Elem::Array {
+                    shape: vec![3],
+                    values: Values::Bool(vec![true, false, true]),
+                },
+            ),
             (
                 "txt".into(),
                 Elem::Array {
@@ -177,26 +220,78 @@ fn round_trip_every_element_type() {
                     ordered: true,
                 },
             ),
-            ("nint".into(), Elem::Nullable { values: Values::Int(vec![4, 0, 6]), mask: vec![false, true, false] }),
-            ("nbool".into(), Elem::Nullable { values: Values::Bool(vec![true, false, false]), mask: vec![false, false, true] }),
+            (
+                "nint".into(),
+                Elem::Nullable {
+                    values: Values::Int(vec![4, 0, 6]),
+                    mask: vec![false, true, false],
+                },
+            ),
+            (
+                "nbool".into(),
+                Elem::Nullable {
+                    values: Values::Bool(vec![true, false, false]),
+                    mask: vec![false, false, true],
+                },
+            ),
         ],
     };
     let uns = Elem::Dict(vec![
-        ("s".into(), Elem::Array { shape: vec![], values: Values::Str(vec![Some("hello".into())]) }),
-        ("n".into(), Elem::Array { shape: vec![], values: Values::F64(vec![2.5]) }),
-        ("m".into(), Elem::Array { shape: vec![2, 2], values: Values::Int(vec![1, 2, 3, 4]) }),
-        ("nested".into(), Elem::Dict(vec![("b".into(), Elem::Array { shape: vec![], values: Values::Bool(vec![true]) })])),
+        (
+            "s".into(),
+            Elem::Array {
+                shape: vec![],
+                values: Values::Str(vec![Some("hello".into())]),
+            },
+        ),
+        (
+            "n".into(),
+            Elem::Array {
+                shape: vec![],
+                values: Values::F64(vec![2.5]),
+            },
+        ),
+        (
+            "m".into(),
+            Elem::Array {
+                shape: vec![2, 2],
+                values: Values::Int(vec![1, 2, 3, 4]),
+            },
+        ),
+        (
+            "nested".into(),
+            Elem::Dict(vec![(
+                "b".into(),
+                Elem::Array {
+                    shape: vec![],
+                    values: Values::Bool(vec![true]),
+                },
+            )]),
+        ),
         (
             "ns".into(),
-            Elem::Nullable { values: Values::Str(vec![Some("a".into()), None]), mask: vec![false, true] },
+            Elem::Nullable {
+                values: Values::Str(vec![Some("a".into()), None]),
+                mask: vec![false, true],
+            },
         ),
     ]);
     {
         let w = H5adWriter::create(&path).unwrap();
-        w.write_sparse("X", true, [3, 2], &[1.0, 2.0, 3.0], &[0, 1, 1], &[0, 1, 2, 3], true).unwrap();
+        w.write_sparse(
+            "X",
+            true,
+            [3, 2],
+            &[1.0, 2.0, 3.0],
+            &[0, 1, 1],
+            &[0, 1, 2, 3],
+            true,
+        )
+        .unwrap();
         w.write("obs", &Elem::Frame(frame.clone())).unwrap();
         w.write("uns", &uns).unwrap();
-        w.write_dense("obsm/X_pca", [3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], false).unwrap();
+        w.write_dense("obsm/X_pca", [3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], false)
+            .unwrap();
         w.finish().unwrap();
     }
     let f = H5ad::open(&path).unwrap();
@@ -208,8 +303,20 @@ fn round_trip_every_element_type() {
     for ((n1, a), (n2, b)) in got.columns.iter().zip(&frame.columns) {
         assert_eq!(n1, n2);
         match (a, b) {
-            (Elem::Array { values: Values::F64(x), .. }, Elem::Array { values: Values::F64(y), .. }) => {
-                assert!(x.iter().zip(y).all(|(p, q)| p == q || (p.is_nan() && q.is_nan())))
+            (
+                Elem::Array {
+                    values: Values::F64(x),
+                    ..
+                },
+                Elem::Array {
+                    values: Values::F64(y),
+                    ..
+                },
+            ) => {
+                assert!(x
+                    .iter()
+                    .zip(y)
+                    .all(|(p, q)| p == q || (p.is_nan() && q.is_nan())))
             }
             // masked string slots come back as "" with the mask set
             _ => assert_eq!(a, b, "{n1}"),
@@ -221,7 +328,10 @@ fn round_trip_every_element_type() {
     let ns = &items.iter().find(|k| k.0 == "ns").unwrap().1;
     assert_eq!(
         *ns,
-        Elem::Nullable { values: Values::Str(vec![Some("a".into()), Some("".into())]), mask: vec![false, true] }
+        Elem::Nullable {
+            values: Values::Str(vec![Some("a".into()), Some("".into())]),
+            mask: vec![false, true]
+        }
     );
     match f.read("obsm/X_pca").unwrap() {
         Elem::Array { shape, values } => {
@@ -237,10 +347,24 @@ fn writer_refuses_na_in_plain_strings_and_bad_names() {
     let path = tmp("refuse.h5ad");
     let w = H5adWriter::create(&path).unwrap();
     let e = w
-        .write("uns/x", &Elem::Array { shape: vec![2], values: Values::Str(vec![Some("a".into()), None]) })
+        .write(
+            "uns/x",
+            &Elem::Array {
+                shape: vec![2],
+                values: Values::Str(vec![Some("a".into()), None]),
+            },
+        )
         .unwrap_err();
-    assert!(matches!(e, ScError::Value(ref m) if m.contains("NA")), "{e:?}");
-    let e = w.write("uns/y", &Elem::Dict(vec![("a/b".into(), Elem::Dict(vec![]))])).unwrap_err();
+    assert!(
+        matches!(e, ScError::Value(ref m) if m.contains("NA")),
+        "{e:?}"
+    );
+    let e = w
+        .write(
+            "uns/y",
+            &Elem::Dict(vec![("a/b".into(), Elem::Dict(vec![]))]),
+        )
+        .unwrap_err();
     assert!(matches!(e, ScError::Value(_)));
 }
 
@@ -268,7 +392,10 @@ fn non_anndata_and_missing_files_are_format_errors() {
     let txt = tmp("not.h5ad");
     std::fs::write(&txt, b"this is not an HDF5 file at all").unwrap();
     assert!(matches!(H5ad::open(&txt), Err(ScError::Format(_))));
-    assert!(matches!(H5ad::open(&tmp("missing.h5ad")), Err(ScError::Format(_))));
+    assert!(matches!(
+        H5ad::open(&tmp("missing.h5ad")),
+        Err(ScError::Format(_))
+    ));
     // a valid HDF5 file without AnnData content
     let other = tmp("plain.h5");
     {
@@ -276,7 +403,10 @@ fn non_anndata_and_missing_files_are_format_errors() {
         f.create_group("something").unwrap();
     }
     let e = H5ad::open(&other).err().unwrap();
-    assert!(matches!(e, ScError::Format(ref m) if m.contains("not an AnnData")), "{e:?}");
+    assert!(
+        matches!(e, ScError::Format(ref m) if m.contains("not an AnnData")),
+        "{e:?}"
+    );
     let f = H5ad::open(&fixture("dense.h5ad")).unwrap();
     assert!(matches!(f.matrix("obsm/nope"), Err(ScError::Format(_))));
     assert!(matches!(f.matrix("obs"), Err(ScError::Format(_))));
@@ -309,7 +439,10 @@ fn truncated_and_corrupted_files_never_panic() {
         s ^= s << 17;
         s
     };
-    let iters: usize = std::env::var("SCANNOT_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(150);
+    let iters: usize = std::env::var("SCANNOT_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
     for _ in 0..iters {
         let mut b = src.clone();
         for _ in 0..1 + next() % 8 {

@@ -35,7 +35,12 @@ fn set_encoding(loc: &Location, ty: &str, version: &str) -> ScResult<()> {
     set_str_attr(loc, "encoding-version", version)
 }
 
-fn new_ds<T: H5Type>(g: &Group, name: &str, data: &[T], shape: &[usize]) -> ScResult<hdf5::Dataset> {
+fn new_ds<T: H5Type>(
+    g: &Group,
+    name: &str,
+    data: &[T],
+    shape: &[usize],
+) -> ScResult<hdf5::Dataset> {
     let view = ndarray::ArrayView::from_shape(ndarray::IxDyn(shape), data)
         .map_err(|e| ScError::Dims(format!("'{name}': {e}")))?;
     g.new_dataset_builder()
@@ -64,7 +69,11 @@ fn write_values(g: &Group, name: &str, v: &Values, shape: &[usize], enc: &str) -
         Values::Str(x) => {
             let s = strings_vlen(x, name)?;
             let ds = new_ds(g, name, &s, shape)?;
-            let enc = if shape.is_empty() { "string" } else { "string-array" };
+            let enc = if shape.is_empty() {
+                "string"
+            } else {
+                "string-array"
+            };
             set_encoding(&ds, enc, "0.2.0")?;
             return Ok(());
         }
@@ -155,7 +164,13 @@ impl H5adWriter {
     }
 
     /// Write a dense 2-D array given in row-major order.
-    pub fn write_dense(&self, path: &str, shape: [usize; 2], rowmajor: &[f64], as_f32: bool) -> ScResult<()> {
+    pub fn write_dense(
+        &self,
+        path: &str,
+        shape: [usize; 2],
+        rowmajor: &[f64],
+        as_f32: bool,
+    ) -> ScResult<()> {
         let (parent, name) = self.parent(path)?;
         let ds = if as_f32 {
             let v: Vec<f32> = rowmajor.iter().map(|&x| x as f32).collect();
@@ -176,10 +191,20 @@ impl H5adWriter {
 fn write_elem(parent: &Group, name: &str, el: &Elem, path: &str) -> ScResult<()> {
     match el {
         Elem::Array { shape, values } => {
-            let enc = if shape.is_empty() { "numeric-scalar" } else { "array" };
+            let enc = if shape.is_empty() {
+                "numeric-scalar"
+            } else {
+                "array"
+            };
             write_values(parent, name, values, shape, enc)
         }
-        Elem::Sparse(Sparse { csr, shape, data, indices, indptr }) => {
+        Elem::Sparse(Sparse {
+            csr,
+            shape,
+            data,
+            indices,
+            indptr,
+        }) => {
             let g = parent.create_group(name).map_err(|e| werr(path, e))?;
             set_encoding(&g, if *csr { "csr_matrix" } else { "csc_matrix" }, "0.1.0")?;
             let sh = [shape[0] as i64, shape[1] as i64];
@@ -192,7 +217,11 @@ fn write_elem(parent: &Group, name: &str, el: &Elem, path: &str) -> ScResult<()>
             new_ds(&g, "indptr", indptr, &[indptr.len()])?;
             Ok(())
         }
-        Elem::Categorical { codes, categories, ordered } => {
+        Elem::Categorical {
+            codes,
+            categories,
+            ordered,
+        } => {
             let g = parent.create_group(name).map_err(|e| werr(path, e))?;
             set_encoding(&g, "categorical", "0.2.0")?;
             g.new_attr::<bool>()
@@ -201,7 +230,9 @@ fn write_elem(parent: &Group, name: &str, el: &Elem, path: &str) -> ScResult<()>
                 .map_err(|e| werr("ordered", e))?;
             let n = categories.len();
             if let Some(c) = codes.iter().find(|&&c| c < -1 || c as i64 >= n as i64) {
-                return Err(ScError::Value(format!("'{path}': category code {c} out of range")));
+                return Err(ScError::Value(format!(
+                    "'{path}': category code {c} out of range"
+                )));
             }
             let cd = if n < 127 {
                 let v: Vec<i8> = codes.iter().map(|&c| c as i8).collect();
@@ -231,13 +262,21 @@ fn write_elem(parent: &Group, name: &str, el: &Elem, path: &str) -> ScResult<()>
             match values {
                 // masked slots get a placeholder, never NaN/NA text
                 Values::Str(s) => {
-                    let filled: Vec<Option<String>> =
-                        s.iter().map(|x| Some(x.clone().unwrap_or_default())).collect();
+                    let filled: Vec<Option<String>> = s
+                        .iter()
+                        .map(|x| Some(x.clone().unwrap_or_default()))
+                        .collect();
                     write_values(&g, "values", &Values::Str(filled), &[s.len()], "array")?;
                 }
                 v => write_values(&g, "values", v, &[v.len()], "array")?,
             }
-            write_values(&g, "mask", &Values::Bool(mask.clone()), &[mask.len()], "array")
+            write_values(
+                &g,
+                "mask",
+                &Values::Bool(mask.clone()),
+                &[mask.len()],
+                "array",
+            )
         }
         Elem::Frame(f) => write_frame(parent, name, f, path),
         Elem::Dict(items) => {
@@ -262,7 +301,11 @@ fn write_elem(parent: &Group, name: &str, el: &Elem, path: &str) -> ScResult<()>
 fn write_frame(parent: &Group, name: &str, f: &Frame, path: &str) -> ScResult<()> {
     let g = parent.create_group(name).map_err(|e| werr(path, e))?;
     set_encoding(&g, "dataframe", "0.2.0")?;
-    let index_name = if f.index_name.is_empty() { "_index" } else { &f.index_name };
+    let index_name = if f.index_name.is_empty() {
+        "_index"
+    } else {
+        &f.index_name
+    };
     set_str_attr(&g, "_index", index_name)?;
     let cols: Vec<VarLenUnicode> = f
         .columns
@@ -271,13 +314,23 @@ fn write_frame(parent: &Group, name: &str, f: &Frame, path: &str) -> ScResult<()
         .collect::<ScResult<_>>()?;
     if cols.is_empty() {
         let empty: [f64; 0] = [];
-        g.new_attr_builder().with_data(&empty[..]).create("column-order")
+        g.new_attr_builder()
+            .with_data(&empty[..])
+            .create("column-order")
     } else {
-        g.new_attr_builder().with_data(&cols[..]).create("column-order")
+        g.new_attr_builder()
+            .with_data(&cols[..])
+            .create("column-order")
     }
     .map_err(|e| werr("column-order", e))?;
     let idx: Vec<Option<String>> = f.index.iter().map(|s| Some(s.clone())).collect();
-    write_values(&g, index_name, &Values::Str(idx), &[f.index.len()], "string-array")?;
+    write_values(
+        &g,
+        index_name,
+        &Values::Str(idx),
+        &[f.index.len()],
+        "string-array",
+    )?;
     for (c, el) in &f.columns {
         if c == index_name || c.contains('/') || c.is_empty() {
             return Err(ScError::Value(format!(
