@@ -4,6 +4,9 @@
 import sys, time
 import numpy as np, pandas as pd, scipy.sparse as sp
 import anndata as ad
+from importlib.metadata import version
+
+AD_VERSION = version("anndata")
 
 if sys.argv[1] == "write":
     d, n, g = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -23,4 +26,4 @@ else:
         best = min(best, time.perf_counter() - t)
         nnz = a.X.nnz
         del a
-    print(f"anndata {__import__("importlib.metadata").metadata.version("anndata")} read_h5ad: nnz={nnz} seconds={best:.4f}")
+    print(f"anndata {AD_VERSION} read_h5ad: nnz={nnz} seconds={best:.4f}")
