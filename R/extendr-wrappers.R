@@ -48,3 +48,27 @@ rs_celltypist_vote <- function(labels, label_names, clusters, n_clusters, min_pr
 #' @noRd
 rs_knn_transfer <- function(reference, n_ref, ref_dim, query, n_query, query_dim, k, codes, n_levels, n_threads) .Call(wrap__rs_knn_transfer, reference, n_ref, ref_dim, query, n_query, query_dim, k, codes, n_levels, n_threads)
 
+#' Structure of a file: which top-level elements and keys exist.
+#' @noRd
+rs_h5ad_keys <- function(path, group) .Call(wrap__rs_h5ad_keys, path, group)
+
+#' Whether an element exists.
+#' @noRd
+rs_h5ad_exists <- function(path, elem) .Call(wrap__rs_h5ad_exists, path, elem)
+
+#' Read any element; unsupported sub-elements are listed in attribute "skipped".
+#' @noRd
+rs_h5ad_read_elem <- function(path, elem) .Call(wrap__rs_h5ad_read_elem, path, elem)
+
+#' Read a matrix element into newly allocated R vectors (HDF5 converts the values to
+#' double while reading into them). Returns list(kind, shape, integer, x, i, p).
+#' @noRd
+rs_h5ad_read_matrix <- function(path, elem) .Call(wrap__rs_h5ad_read_matrix, path, elem)
+
+#' Write an AnnData file. `items` is a named list in write order: names are element
+#' paths; values are `list(type = "sparse", csr, shape, x, i, p, f32)`,
+#' `list(type = "dense", shape, x, f32)` (x already row-major), or any R object for
+#' [`robj_elem`].
+#' @noRd
+rs_h5ad_write <- function(path, items) .Call(wrap__rs_h5ad_write, path, items)
+

@@ -14,6 +14,7 @@ use scannot_core::{ScError, ScResult};
 mod celltypist;
 mod convert;
 mod knn;
+mod h5ad;
 use convert::{guard, threads};
 
 /// Matrix arguments as the R side passes them: dgCMatrix slots, or a dense column-major
@@ -182,6 +183,7 @@ extendr_module! {
     mod scannot;
     use celltypist;
     use knn;
+    use h5ad;
     fn rs_data_address;
     fn rs_dotplot;
     fn rs_log_normalize;

@@ -7,6 +7,7 @@ pub mod celltypist;
 pub mod dotplot;
 pub mod error;
 pub mod knn;
+pub mod h5ad;
 pub mod matrix;
 pub mod normalize;
 pub mod pickle;
