@@ -31,3 +31,50 @@ rs_test_error <- function(kind) .Call(wrap__rs_test_error, kind)
 #' @noRd
 rs_wilcoxon <- function(p, i, x, nrow, ncol, dense, groups, n_groups, tested, reference, tie_correct, flavor, log_base, n_threads) .Call(wrap__rs_wilcoxon, p, i, x, nrow, ncol, dense, groups, n_groups, tested, reference, tie_correct, flavor, log_base, n_threads)
 
+#' Read a CellTypist .pkl without executing it; plain vectors for the R model object.
+#' @noRd
+rs_celltypist_read <- function(path) .Call(wrap__rs_celltypist_read, path)
+
+#' CellTypist prediction on a genes x cells matrix. `coef` is the n_rows x F matrix
+#' (column-major = gene-major). Returns decision/probability (cells x classes, column-major),
+#' 1-based best-match codes, prob-match labels (when asked) and the first cell's expm1 sum.
+#' @noRd
+rs_celltypist_predict <- function(p, i, x, nrow, ncol, dense, genes, features, classes, n_rows, coef, intercept, scaler_mean, scaler_scale, with_mean, check_input, prob_match, p_thres, n_threads) .Call(wrap__rs_celltypist_predict, p, i, x, nrow, ncol, dense, genes, features, classes, n_rows, coef, intercept, scaler_mean, scaler_scale, with_mean, check_input, prob_match, p_thres, n_threads)
+
+#' Majority vote: `labels` and `clusters` are 1-based codes; one label per cluster.
+#' @noRd
+rs_celltypist_vote <- function(labels, label_names, clusters, n_clusters, min_prop) .Call(wrap__rs_celltypist_vote, labels, label_names, clusters, n_clusters, min_prop)
+
+#' Exact kNN of query cells among reference cells and scArches' weighted vote.
+#' Embeddings are cells x dims, column-major. `codes` holds `n_cols` label columns one
+#' after the other (0-based codes in sorted label order); `n_levels` their level counts.
+#' Returns 1-based neighbour indices and distances (query-major, k per cell), and per
+#' column (column after column) the 0-based best code (-1: none), its probability and
+#' the uncertainty.
+#' @noRd
+rs_knn_transfer <- function(reference, n_ref, ref_dim, query, n_query, query_dim, k, codes, n_levels, n_threads) .Call(wrap__rs_knn_transfer, reference, n_ref, ref_dim, query, n_query, query_dim, k, codes, n_levels, n_threads)
+
+#' Structure of a file: which top-level elements and keys exist.
+#' @noRd
+rs_h5ad_keys <- function(path, group) .Call(wrap__rs_h5ad_keys, path, group)
+
+#' Whether an element exists.
+#' @noRd
+rs_h5ad_exists <- function(path, elem) .Call(wrap__rs_h5ad_exists, path, elem)
+
+#' Read any element; unsupported sub-elements are listed in attribute "skipped".
+#' @noRd
+rs_h5ad_read_elem <- function(path, elem) .Call(wrap__rs_h5ad_read_elem, path, elem)
+
+#' Read a matrix element into newly allocated R vectors (HDF5 converts the values to
+#' double while reading into them). Returns list(kind, shape, integer, x, i, p).
+#' @noRd
+rs_h5ad_read_matrix <- function(path, elem) .Call(wrap__rs_h5ad_read_matrix, path, elem)
+
+#' Write an AnnData file. `items` is a named list in write order: names are element
+#' paths; values are `list(type = "sparse", csr, shape, x, i, p, f32)`,
+#' `list(type = "dense", shape, x, f32)` (x already row-major), or any R object for
+#' [`robj_elem`].
+#' @noRd
+rs_h5ad_write <- function(path, items) .Call(wrap__rs_h5ad_write, path, items)
+

@@ -11,8 +11,11 @@ use scannot_core::dotplot::{dotplot, DotplotOptions};
 use scannot_core::matrix::{CscView, DenseView, ExprMatrix};
 use scannot_core::{ScError, ScResult};
 
+mod celltypist;
 mod convert;
 mod wilcoxon;
+mod knn;
+mod h5ad;
 use convert::{guard, threads};
 
 /// Matrix arguments as the R side passes them: dgCMatrix slots, or a dense column-major
@@ -180,6 +183,9 @@ fn rs_data_address(x: &[f64]) -> String {
 extendr_module! {
     mod scannot;
     use wilcoxon;
+    use celltypist;
+    use knn;
+    use h5ad;
     fn rs_data_address;
     fn rs_dotplot;
     fn rs_log_normalize;

@@ -3,8 +3,11 @@
 //! One module per capability. Every entry point takes borrowed views of the caller's
 //! memory ([`matrix::ExprMatrix`]) and returns owned results or a [`error::ScError`].
 
+pub mod celltypist;
 pub mod dotplot;
 pub mod error;
+pub mod knn;
+pub mod h5ad;
 pub mod matrix;
 pub mod normalize;
 pub mod pickle;

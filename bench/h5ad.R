@@ -1,0 +1,51 @@
+# Benchmark: read the seed-scale h5ad (28,911 cells x 15,674 genes, float32 CSR X written
+# by Python anndata) with scannot::read_h5ad vs anndata.read_h5ad, in one run.
+#   Rscript bench/h5ad.R [python-with-anndata]
+suppressPackageStartupMessages(library(scannot))
+args <- commandArgs(trailingOnly = TRUE)
+py <- if (length(args)) args[1] else Sys.getenv("SCANNOT_PEER_PYTHON", "/tmp/scannot-fixture-venv/bin/python")
+threads <- as.integer(Sys.getenv("SCANNOT_BENCH_THREADS", "2"))
+if (!file.exists(py)) {
+  cat("anndata peer skipped: no Python at ", py, " (run tools/fixtures/make_fixtures.sh)\n", sep = "")
+  quit(status = 0)
+}
+rss_kb <- function(field) {
+  s <- readLines("/proc/self/status")
+  as.numeric(sub("[^0-9]*([0-9]+).*", "\\1", grep(paste0("^", field, ":"), s, value = TRUE)))
+}
+dir <- tempfile("scannot-bench-h5ad-"); dir.create(dir)
+local({
+  sim <- simulate_counts(n_cells = 28911, n_genes = 15674, n_types = 8, seed = 2026, as = "list",
+                         n_threads = threads)
+  x <- normalize_counts(sim$counts, n_threads = threads)
+  writeBin(x@x, file.path(dir, "x.bin"), size = 4)  # float32, as scanpy stores X
+  writeBin(x@i, file.path(dir, "i.bin")); writeBin(x@p, file.path(dir, "p.bin"))
+  writeLines(rownames(x), file.path(dir, "genes.txt"))
+  writeLines(as.character(sim$cells$cell_type), file.path(dir, "types.txt"))
+  system2(py, c("bench/peers/h5ad_anndata.py", "write", dir, ncol(x), nrow(x)))
+})
+invisible(gc())
+f <- file.path(dir, "seed.h5ad")
+cat(sprintf("file: %s, %.0f MB\n", f, file.size(f) / 2^20))
+
+invisible(read_h5ad(f, as = "list", uns = FALSE))  # warm the page cache
+invisible(gc())
+rss0 <- rss_kb("VmRSS")
+try(writeLines("5", "/proc/self/clear_refs"), silent = TRUE)  # reset the peak-RSS counter
+a <- NULL
+t1 <- system.time(a <- read_h5ad(f, as = "list"))[["elapsed"]]
+peak_extra_mb <- (rss_kb("VmHWM") - rss0) / 1024
+m <- a$X
+mat_mb <- as.numeric(object.size(m@x) + object.size(m@i) + object.size(m@p)) / 2^20
+cat(sprintf("X: %d genes x %d cells, %.1f M non-zeros, dgCMatrix %.0f MB; peak extra RSS during read %.0f MB (no second copy: <= matrix + obs)\n",
+            nrow(m), ncol(m), length(m@x) / 1e6, mat_mb, peak_extra_mb))
+tracemem(m@x)  # any later duplication of the slot would print a tracemem line
+s <- Matrix::colSums(m)
+t <- c(t1, sapply(1:2, function(i) { a <<- NULL; invisible(gc()); system.time(a <<- read_h5ad(f, as = "list"))[["elapsed"]] }))
+t_scannot <- min(t)
+cat(sprintf("scannot read_h5ad (as = \"list\"): %.3f s (best of 3)\n", t_scannot))
+out <- system2(py, c("bench/peers/h5ad_anndata.py", "read", f), stdout = TRUE)
+cat(out, sep = "\n")
+t_peer <- as.numeric(sub(".*seconds=", "", grep("seconds=", out, value = TRUE)))
+cat(sprintf("RATIO h5ad read: anndata %.3f s / scannot %.3f s = %.2fx\n", t_peer, t_scannot, t_peer / t_scannot))
+unlink(dir, recursive = TRUE)

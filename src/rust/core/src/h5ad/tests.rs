@@ -1,0 +1,456 @@
+use super::*;
+use crate::ScError;
+
+fn fixture(name: &str) -> String {
+    format!(
+        "{}/../../../tests/testthat/fixtures/h5ad/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn tmp(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("scannot-h5ad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+/// Read every element of a file the way the R binding does; Err on any failure.
+fn read_everything(path: &str) -> crate::ScResult<usize> {
+    let f = H5ad::open(path)?;
+    let mut n = 0;
+    for m in ["X", "raw/X"] {
+        if f.exists(m) {
+            let info = f.matrix(m)?;
+            match info.kind {
+                MatrixKind::Dense => {
+                    let mut x = vec![0.0; info.nnz];
+                    info.read_dense_into(&mut x)?;
+                }
+                _ => {
+                    info.read_sparse()?;
+                }
+            }
+            n += 1;
+        }
+    }
+    for grp in ["layers", "obsp", "varp"] {
+        for k in f.keys(grp)? {
+            let info = f.matrix(&format!("{grp}/{k}"))?;
+            if info.kind == MatrixKind::Dense {
+                let mut x = vec![0.0; info.nnz];
+                info.read_dense_into(&mut x)?;
+            } else {
+                info.read_sparse()?;
+            }
+            n += 1;
+        }
+    }
+    for fr in ["obs", "var", "raw/var"] {
+        if f.exists(fr) {
+            f.frame(fr)?;
+            n += 1;
+        }
+    }
+    for el in ["obsm", "varm", "uns"] {
+        if f.exists(el) {
+            f.read(el)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[test]
+fn reads_seedlike_fixture() {
+    let f = H5ad::open(&fixture("seedlike.h5ad")).unwrap();
+    let x = f.matrix("X").unwrap();
+    assert_eq!(x.kind, MatrixKind::Csr);
+    assert_eq!(x.shape, [60, 40]);
+    assert!(!x.integer);
+    let s = x.read_sparse().unwrap();
+    assert_eq!(s.indptr.len(), 61);
+    assert_eq!(*s.indptr.last().unwrap() as usize, x.nnz);
+    let obs = f.frame("obs").unwrap();
+    assert_eq!(obs.index.len(), 60);
+    assert_eq!(obs.index[0], "AAAC0000-1");
+    let names: Vec<&str> = obs.columns.iter().map(|c| c.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "leiden",
+            "louvain",
+            "stage",
+            "cat_na",
+            "sample",
+            "is_doublet",
+            "n_genes",
+            "total_counts",
+            "pct_mt",
+            "batch_int",
+            "passed"
+        ]
+    );
+    match &obs.columns[2].1 {
+        Elem::Categorical {
+            categories,
+            ordered,
+            ..
+        } => {
+            assert!(*ordered);
+            assert_eq!(
+                *categories,
+                Values::Str(vec![
+                    Some("lo".into()),
+                    Some("mid".into()),
+                    Some("hi".into())
+                ])
+            );
+        }
+        other => panic!("stage: {other:?}"),
+    }
+    match &obs.columns[3].1 {
+        Elem::Categorical { codes, .. } => assert_eq!(codes[0], -1),
+        other => panic!("cat_na: {other:?}"),
+    }
+    match &obs.columns[9].1 {
+        Elem::Nullable {
+            values: Values::Int(v),
+            mask,
+        } => {
+            assert!(mask[0] && !mask[1]);
+            assert_eq!(v[1], 1);
+        }
+        other => panic!("batch_int: {other:?}"),
+    }
+    match &obs.columns[10].1 {
+        Elem::Nullable {
+            values: Values::Bool(_),
+            mask,
+        } => assert!(mask[0]),
+        other => panic!("passed: {other:?}"),
+    }
+    let Elem::Dict(uns) = f.read("uns").unwrap() else {
+        panic!()
+    };
+    let rgg = &uns.iter().find(|k| k.0 == "rank_genes_groups").unwrap().1;
+    let Elem::Dict(rgg) = rgg else { panic!() };
+    let names = &rgg.iter().find(|k| k.0 == "names").unwrap().1;
+    match names {
+        Elem::Record(fields) => {
+            assert_eq!(fields.len(), 5);
+            assert_eq!(fields[0].0, "0");
+            assert_eq!(fields[0].1.len(), 4);
+            assert!(matches!(&fields[0].1, Values::Str(v) if v[0].as_deref() == Some("CD3D")));
+        }
+        other => panic!("names: {other:?}"),
+    }
+    let scores = &rgg.iter().find(|k| k.0 == "scores").unwrap().1;
+    assert!(matches!(scores, Elem::Record(f) if matches!(f[0].1, Values::F64(_))));
+    assert!(f.take_skipped().is_empty());
+    assert_eq!(read_everything(&fixture("seedlike.h5ad")).unwrap(), 11);
+}
+
+#[test]
+fn reads_dense_and_compressed_fixtures() {
+    for name in ["dense.h5ad", "gzip.h5ad", "lzf.h5ad"] {
+        let f = H5ad::open(&fixture(name)).unwrap();
+        let x = f.matrix("X").unwrap();
+        assert_eq!(x.kind, MatrixKind::Dense, "{name}");
+        assert_eq!(x.shape, [12, 7]);
+        let mut buf = vec![0.0; x.nnz];
+        x.read_dense_into(&mut buf).unwrap();
+        assert!(buf.iter().all(|v| v.is_finite()));
+        let csc = f.matrix("layers/csc").unwrap();
+        assert_eq!(csc.kind, MatrixKind::Csc);
+        let int = f.matrix("layers/int_dense").unwrap();
+        assert!(int.integer);
+        let obs = f.frame("obs").unwrap();
+        assert!(obs.columns.is_empty());
+        read_everything(&fixture(name)).unwrap();
+    }
+    // gzip/lzf/plain copies of the same object read identically
+    let read = |n: &str| {
+        let f = H5ad::open(&fixture(n)).unwrap();
+        let x = f.matrix("layers/csc").unwrap().read_sparse().unwrap();
+        (x, f.read("uns").unwrap())
+    };
+    assert_eq!(read("gzip.h5ad"), read("lzf.h5ad"));
+}
+
+#[test]
+fn round_trip_every_element_type() {
+    let path = tmp("roundtrip.h5ad");
+    let frame = Frame {
+        index_name: "_index".into(),
+        index: vec!["a".into(), "b".into(), "c".into()],
+        columns: vec![
+            (
+                "num".into(),
+                Elem::Array {
+                    shape: vec![3],
+                    values: Values::F64(vec![1.5, f64::NAN, -2.0]),
+                },
+            ),
+            (
+                "int".into(),
+                Elem::Array {
+                    shape: vec![3],
+                    values: Values::Int(vec![1, 2, 3]),
+                },
+            ),
+            (
+                "flag".into(),
+                Elem::Array {
+                    shape: vec![3],
+                    values: Values::Bool(vec![true, false, true]),
+                },
+            ),
+            (
+                "txt".into(),
+                Elem::Array {
+                    shape: vec![3],
+                    values: Values::Str(vec![Some("x".into()), Some("ü".into()), Some("".into())]),
+                },
+            ),
+            (
+                "cat".into(),
+                Elem::Categorical {
+                    codes: vec![1, -1, 0],
+                    categories: Values::Str(vec![Some("p".into()), Some("q".into())]),
+                    ordered: true,
+                },
+            ),
+            (
+                "nint".into(),
+                Elem::Nullable {
+                    values: Values::Int(vec![4, 0, 6]),
+                    mask: vec![false, true, false],
+                },
+            ),
+            (
+                "nbool".into(),
+                Elem::Nullable {
+                    values: Values::Bool(vec![true, false, false]),
+                    mask: vec![false, false, true],
+                },
+            ),
+        ],
+    };
+    let uns = Elem::Dict(vec![
+        (
+            "s".into(),
+            Elem::Array {
+                shape: vec![],
+                values: Values::Str(vec![Some("hello".into())]),
+            },
+        ),
+        (
+            "n".into(),
+            Elem::Array {
+                shape: vec![],
+                values: Values::F64(vec![2.5]),
+            },
+        ),
+        (
+            "m".into(),
+            Elem::Array {
+                shape: vec![2, 2],
+                values: Values::Int(vec![1, 2, 3, 4]),
+            },
+        ),
+        (
+            "nested".into(),
+            Elem::Dict(vec![(
+                "b".into(),
+                Elem::Array {
+                    shape: vec![],
+                    values: Values::Bool(vec![true]),
+                },
+            )]),
+        ),
+        (
+            "ns".into(),
+            Elem::Nullable {
+                values: Values::Str(vec![Some("a".into()), None]),
+                mask: vec![false, true],
+            },
+        ),
+    ]);
+    {
+        let w = H5adWriter::create(&path).unwrap();
+        w.write_sparse(
+            "X",
+            true,
+            [3, 2],
+            &[1.0, 2.0, 3.0],
+            &[0, 1, 1],
+            &[0, 1, 2, 3],
+            true,
+        )
+        .unwrap();
+        w.write("obs", &Elem::Frame(frame.clone())).unwrap();
+        w.write("uns", &uns).unwrap();
+        w.write_dense("obsm/X_pca", [3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], false)
+            .unwrap();
+        w.finish().unwrap();
+    }
+    let f = H5ad::open(&path).unwrap();
+    let x = f.matrix("X").unwrap().read_sparse().unwrap();
+    assert_eq!(x.data, Values::F64(vec![1.0, 2.0, 3.0]));
+    assert_eq!(x.indices, vec![0, 1, 1]);
+    let got = f.frame("obs").unwrap();
+    assert_eq!(got.index, frame.index);
+    for ((n1, a), (n2, b)) in got.columns.iter().zip(&frame.columns) {
+        assert_eq!(n1, n2);
+        match (a, b) {
+            (
+                Elem::Array {
+                    values: Values::F64(x),
+                    ..
+                },
+                Elem::Array {
+                    values: Values::F64(y),
+                    ..
+                },
+            ) => {
+                assert!(x
+                    .iter()
+                    .zip(y)
+                    .all(|(p, q)| p == q || (p.is_nan() && q.is_nan())))
+            }
+            // masked string slots come back as "" with the mask set
+            _ => assert_eq!(a, b, "{n1}"),
+        }
+    }
+    let back = f.read("uns").unwrap();
+    let Elem::Dict(items) = back else { panic!() };
+    assert_eq!(items.len(), 5);
+    let ns = &items.iter().find(|k| k.0 == "ns").unwrap().1;
+    assert_eq!(
+        *ns,
+        Elem::Nullable {
+            values: Values::Str(vec![Some("a".into()), Some("".into())]),
+            mask: vec![false, true]
+        }
+    );
+    match f.read("obsm/X_pca").unwrap() {
+        Elem::Array { shape, values } => {
+            assert_eq!(shape, vec![3, 2]);
+            assert_eq!(values, Values::F64(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn writer_refuses_na_in_plain_strings_and_bad_names() {
+    let path = tmp("refuse.h5ad");
+    let w = H5adWriter::create(&path).unwrap();
+    let e = w
+        .write(
+            "uns/x",
+            &Elem::Array {
+                shape: vec![2],
+                values: Values::Str(vec![Some("a".into()), None]),
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, ScError::Value(ref m) if m.contains("NA")),
+        "{e:?}"
+    );
+    let e = w
+        .write(
+            "uns/y",
+            &Elem::Dict(vec![("a/b".into(), Elem::Dict(vec![]))]),
+        )
+        .unwrap_err();
+    assert!(matches!(e, ScError::Value(_)));
+}
+
+#[test]
+fn unsorted_and_invalid_sparse_indices() {
+    let mut i = vec![2, 0, 1, 1];
+    let mut x = vec![20.0, 0.5, 10.0, 11.0];
+    check_compressed_pub(&[0, 3, 4], &mut i, &mut x).unwrap();
+    assert_eq!(i, vec![0, 1, 2, 1]);
+    assert_eq!(x, vec![0.5, 10.0, 20.0, 11.0]);
+    let mut i = vec![5];
+    assert!(check_compressed_pub(&[0, 1, 1], &mut i, &mut [1.0]).is_err());
+    let mut i = vec![0, 0];
+    assert!(check_compressed_pub(&[0, 2, 2], &mut i, &mut [1.0, 2.0]).is_err());
+    assert!(check_compressed_pub(&[0, 2, 1], &mut [0, 1], &mut [1.0, 2.0]).is_err());
+}
+
+fn check_compressed_pub(p: &[i32], i: &mut [i32], x: &mut [f64]) -> crate::ScResult<()> {
+    let nnz = x.len();
+    read::check_compressed("t", p.len() - 1, 3, nnz, p, i, x)
+}
+
+#[test]
+fn non_anndata_and_missing_files_are_format_errors() {
+    let txt = tmp("not.h5ad");
+    std::fs::write(&txt, b"this is not an HDF5 file at all").unwrap();
+    assert!(matches!(H5ad::open(&txt), Err(ScError::Format(_))));
+    assert!(matches!(
+        H5ad::open(&tmp("missing.h5ad")),
+        Err(ScError::Format(_))
+    ));
+    // a valid HDF5 file without AnnData content
+    let other = tmp("plain.h5");
+    {
+        let f = hdf5_metno::File::create(&other).unwrap();
+        f.create_group("something").unwrap();
+    }
+    let e = H5ad::open(&other).err().unwrap();
+    assert!(
+        matches!(e, ScError::Format(ref m) if m.contains("not an AnnData")),
+        "{e:?}"
+    );
+    let f = H5ad::open(&fixture("dense.h5ad")).unwrap();
+    assert!(matches!(f.matrix("obsm/nope"), Err(ScError::Format(_))));
+    assert!(matches!(f.matrix("obs"), Err(ScError::Format(_))));
+}
+
+/// Corpus fuzz: truncations at many offsets and byte flips across the file must give
+/// Ok or Err, never a panic (an abort would fail the whole test binary).
+#[test]
+fn truncated_and_corrupted_files_never_panic() {
+    let src = std::fs::read(fixture("seedlike.h5ad")).unwrap();
+    let path = tmp("fuzz.h5ad");
+    let mut errors = 0;
+    let n = src.len();
+    let mut cuts: Vec<usize> = (0..40).map(|k| k * n / 40).collect();
+    cuts.extend([1, 8, 100, 512, 800, 2048, n - 1]);
+    for cut in cuts {
+        std::fs::write(&path, &src[..cut]).unwrap();
+        let r = std::panic::catch_unwind(|| read_everything(&path));
+        assert!(r.is_ok(), "panic reading a file truncated at {cut}");
+        if r.unwrap().is_err() {
+            errors += 1;
+        }
+    }
+    assert!(errors >= 40, "truncated files must fail to read ({errors})");
+    // deterministic pseudo-random byte flips (xorshift)
+    let mut s: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let iters: usize = std::env::var("SCANNOT_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+    for _ in 0..iters {
+        let mut b = src.clone();
+        for _ in 0..1 + next() % 8 {
+            let at = (next() % n as u64) as usize;
+            b[at] ^= 1 << (next() % 8);
+        }
+        std::fs::write(&path, &b).unwrap();
+        let r = std::panic::catch_unwind(|| read_everything(&path));
+        assert!(r.is_ok(), "panic reading a corrupted file");
+    }
+}
