@@ -374,6 +374,7 @@ joint_umap <- function(query, reference, use_rep = NULL, reference_rep = use_rep
                                      levels = c("reference", "query")),
                     UMAP_1 = emb[, 1], UMAP_2 = emb[, 2], stringsAsFactors = FALSE)
   md <- md[setdiff(names(md), names(out))]
+  if (!ncol(md)) return(out)
   rownames(md) <- NULL
   cbind(out, md)
 }

@@ -224,3 +224,11 @@ test_that("joint UMAP and plots", {
   expect_error(plot_uncertainty(res, "cell_type_fine"), class = "scannot_error_labels")
   expect_error(plot_joint_umap(u, color_by = "nope"), class = "scannot_error_input")
 })
+
+test_that("joint UMAP of bare matrices has no metadata columns", {
+  skip_if_not_installed("uwot")
+  set.seed(1)
+  u <- joint_umap(matrix(rnorm(40 * 3), 40), matrix(rnorm(60 * 3), 60), n_threads = 1)
+  expect_named(u, c("cell", "dataset", "UMAP_1", "UMAP_2"))
+  expect_identical(nrow(u), 100L)
+})
