@@ -13,9 +13,14 @@
 #' With a `threshold` (scArches' `pred_unknown = TRUE`), a cell keeps its label only
 #' when the probability of its best label, `p`, is at least `threshold`; otherwise
 #' it gets `unknown_label`. Note that scArches compares the *probability* (not the
-#' uncertainty) with `>=`, so `threshold = 1` keeps only cells whose neighbours all
-#' agree, up to rounding of the summed weights; compare `1 - uncertainty` yourself
-#' for other rules.
+#' uncertainty) with `>=`. Its default `threshold = 1` keeps only cells whose
+#' neighbours all agree *and* whose weights happen to sum to at least 1.0 after
+#' rounding: for a unanimous cell the sum is 1 within 2e-16, and whether it lands
+#' just below or at 1 depends on the last bits of the distances, which sklearn
+#' computes as `|a|^2 - 2 a.b + |b|^2` with BLAS. scannot computes distances directly,
+#' so with `threshold = 1` a few percent of unanimous cells can land on the other
+#' side of 1.0 than in scArches; every cell whose decision does not hinge on that
+#' rounding agrees. Use e.g. `threshold = 1 - 1e-9` to keep all unanimous cells.
 #'
 #' The neighbour search runs in Rust (a bucketed space partition with exact
 #' pruning, parallel over query cells). Distance ties are broken by reference cell
@@ -57,7 +62,7 @@
 #'   the hundreds), every kernel value `exp(-d s^2 / 4)` underflows to 0; scArches
 #'   then returns no label (`None`) with uncertainty 1 and so does this function
 #'   (`NA`, with a warning). Rescale the embedding in that case.
-#' @seealso [joint_umap()], [plot_joint_umap()], [plot_uncertainty()]
+#' @seealso [knn_neighbors()], [joint_umap()], [plot_joint_umap()], [plot_uncertainty()]
 #' @export
 #' @examples
 #' set.seed(1)
@@ -90,14 +95,7 @@ knn_transfer <- function(query, reference, label_cols = NULL, k = 50, use_rep = 
   n_threads <- scannot_threads(n_threads)
   q <- knn_embedding(query, use_rep, "query", call)
   r <- knn_embedding(reference, reference_rep, "reference", call)
-  if (ncol(q) != ncol(r)) {
-    abort_scannot(sprintf("The query embedding has %d dimensions but the reference embedding has %d; both must be the same latent space (map the query with the reference model first).",
-                          ncol(q), ncol(r)), "dims", call = call)
-  }
-  if (k > nrow(r)) {
-    abort_scannot(sprintf("`k` = %d is larger than the number of reference cells (%d); use k <= %d.",
-                          k, nrow(r), nrow(r)), "input", call = call)
-  }
+  check_knn_shapes(q, r, k, call)
   labs <- knn_labels(reference, label_cols, reference_labels, prefix, nrow(r), call)
   coded <- lapply(names(labs), function(n) label_codes(labs[[n]], n, call))
   codes <- unlist(lapply(coded, `[[`, "codes"), use.names = FALSE)
@@ -138,6 +136,51 @@ knn_transfer <- function(query, reference, label_cols = NULL, k = 50, use_rep = 
   out <- as.data.frame(cols, stringsAsFactors = FALSE, optional = TRUE)
   rownames(out) <- rownames(q)
   out
+}
+
+#' Exact k nearest reference cells of each query cell
+#'
+#' The neighbour search behind [knn_transfer()]: exact Euclidean distances (not
+#' squared), ascending, ties broken by reference cell order, no self exclusion
+#' (sklearn's `KNeighborsTransformer(mode = "distance").kneighbors()`).
+#'
+#' @inheritParams knn_transfer
+#' @return A list with `index` (query cells x `k` integer matrix of 1-based reference
+#'   rows) and `distance` (the matching distances).
+#' @export
+#' @examples
+#' set.seed(1)
+#' ref <- matrix(rnorm(200 * 5), 200)
+#' qry <- matrix(rnorm(10 * 5), 10)
+#' nb <- knn_neighbors(qry, ref, k = 3)
+#' nb$index[1, ]
+knn_neighbors <- function(query, reference, k = 50, use_rep = NULL, reference_rep = use_rep,
+                          n_threads = NULL) {
+  call <- rlang::current_env()
+  k <- check_number(k)
+  if (k < 1 || k != round(k)) {
+    abort_scannot("`k` must be a whole number >= 1.", "input", call = call)
+  }
+  n_threads <- scannot_threads(n_threads)
+  q <- knn_embedding(query, use_rep, "query", call)
+  r <- knn_embedding(reference, reference_rep, "reference", call)
+  check_knn_shapes(q, r, k, call)
+  res <- rs_call(rs_knn_transfer(r, nrow(r), ncol(r), q, nrow(q), ncol(q), as.integer(k),
+                                 integer(), integer(), n_threads), call = call)
+  index <- matrix(res$index, nrow(q), k, byrow = TRUE, dimnames = list(rownames(q), NULL))
+  distance <- matrix(res$distance, nrow(q), k, byrow = TRUE, dimnames = list(rownames(q), NULL))
+  list(index = index, distance = distance)
+}
+
+check_knn_shapes <- function(q, r, k, call) {
+  if (ncol(q) != ncol(r)) {
+    abort_scannot(sprintf("The query embedding has %d dimensions but the reference embedding has %d; both must be the same latent space (map the query with the reference model first).",
+                          ncol(q), ncol(r)), "dims", call = call)
+  }
+  if (k > nrow(r)) {
+    abort_scannot(sprintf("`k` = %d is larger than the number of reference cells (%d); use k <= %d.",
+                          k, nrow(r), nrow(r)), "input", call = call)
+  }
 }
 
 # The cells x dims double matrix of an embedding.
@@ -331,6 +374,7 @@ joint_umap <- function(query, reference, use_rep = NULL, reference_rep = use_rep
                                      levels = c("reference", "query")),
                     UMAP_1 = emb[, 1], UMAP_2 = emb[, 2], stringsAsFactors = FALSE)
   md <- md[setdiff(names(md), names(out))]
+  if (!ncol(md)) return(out)
   rownames(md) <- NULL
   cbind(out, md)
 }
@@ -423,10 +467,9 @@ plot_joint_umap <- function(umap, color_by = "dataset", query_only = NULL, point
   }
   p + ggplot2::guides(colour = if (is.numeric(v)) ggplot2::guide_colourbar() else
     ggplot2::guide_legend(override.aes = list(size = 3))) +
-    ggplot2::coord_equal() +
     ggplot2::labs(title = title %||% color_by, x = "UMAP 1", y = "UMAP 2") +
     ggplot2::theme_bw() +
-    ggplot2::theme(panel.grid = ggplot2::element_blank(),
+    ggplot2::theme(panel.grid = ggplot2::element_blank(), aspect.ratio = 1,
                    axis.text = ggplot2::element_blank(), axis.ticks = ggplot2::element_blank())
 }
 

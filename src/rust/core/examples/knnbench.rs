@@ -35,7 +35,8 @@ fn main() {
     let nq: usize = a.get(4).and_then(|s| s.parse().ok()).unwrap_or(28_911);
     let (nr, dim) = (86_332, 10);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let cn = Normal::new(0.0, 2.0).unwrap();
+    let csd: f64 = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(2.0);
+    let cn = Normal::new(0.0, csd).unwrap();
     let centres: Vec<Vec<f64>> = (0..20)
         .map(|_| (0..dim).map(|_| cn.sample(&mut rng)).collect())
         .collect();

@@ -67,7 +67,7 @@ pub struct Neighbors {
 }
 
 /// Reference cells per bucket (a leaf of the space partition), at most.
-const BUCKET: usize = 32;
+const BUCKET: usize = 64;
 /// Query cells per block (searched together against the buckets), at most.
 const BLOCK: usize = 32;
 /// Distances are computed for this many reference cells at once (buckets are padded).
@@ -158,6 +158,15 @@ fn boxes(e: &Embedding, ids: &[usize], ranges: &[(usize, usize)]) -> (Vec<f64>, 
         }
     }
     (lo, hi)
+}
+
+/// Whether the squared distance from a point to a box (0 inside) is at most `w`; stops
+/// early once the partial sum exceeds `w` (partial sums only grow).
+#[inline]
+fn point_box_within(q: &[f64], lo: &[f64], hi: &[f64], w: f64) -> bool {
+    let half = q.len() / 2;
+    let s = point_box(&q[..half], &lo[..half], &hi[..half]);
+    s <= w && s + point_box(&q[half..], &lo[half..], &hi[half..]) <= w
 }
 
 /// Squared distance from a point to a box (0 inside).
@@ -361,7 +370,7 @@ impl KnnIndex {
         let mut mw = 0.0f64;
         for (q, best) in qs.iter_mut() {
             let w = worst(best, k);
-            if point_box(q, rlo, rhi) <= w + w * SLACK {
+            if point_box_within(q, rlo, rhi, w + w * SLACK) {
                 simd.scan(q, bpts, plen, bids, w, k, best);
             }
             mw = mw.max(worst(best, k));
