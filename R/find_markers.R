@@ -191,6 +191,7 @@ markers_compute <- function(e, group_by, groups, reference, tie_correct, flavor,
             n_cells = stats::setNames(r$n_in, lv[r$tested + 1L]))
 }
 
+#' @method print scannot_markers
 #' @export
 print.scannot_markers <- function(x, ...) {
   cat(sprintf("<scannot_markers: %s flavour, %d groups x %d genes, vs %s>\n",

@@ -13,9 +13,9 @@ use scannot_core::{ScError, ScResult};
 
 mod celltypist;
 mod convert;
-mod wilcoxon;
-mod knn;
 mod h5ad;
+mod knn;
+mod wilcoxon;
 use convert::{guard, threads};
 
 /// Matrix arguments as the R side passes them: dgCMatrix slots, or a dense column-major

@@ -6,8 +6,8 @@
 pub mod celltypist;
 pub mod dotplot;
 pub mod error;
-pub mod knn;
 pub mod h5ad;
+pub mod knn;
 pub mod matrix;
 pub mod normalize;
 pub mod pickle;
