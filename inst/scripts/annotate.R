@@ -4,7 +4,8 @@
 #
 #   Rscript inst/scripts/annotate.R [out_dir] [input.rds group_by]
 #
-# Writes: dotplot.csv, dotplot.png, labels.csv, annotated.rds, and a line per step with its timing.
+# Writes: dotplot.csv, dotplot.png, top_markers.csv, top_markers_dotplot.png, labels.csv,
+# annotated.rds, and a line per step with its timing.
 args <- commandArgs(trailingOnly = TRUE)
 out <- if (length(args) >= 1) args[1] else "scannot-out"
 dir.create(out, showWarnings = FALSE, recursive = TRUE)
@@ -42,6 +43,14 @@ utils::write.csv(d, file.path(out, "dotplot.csv"), row.names = FALSE)
 p <- step("plot_dotplot", plot_dotplot(d, title = "Marker genes"))
 step("save dotplot.png", ggplot2::ggsave(file.path(out, "dotplot.png"), p, width = 10,
                                          height = 4.5, dpi = 100))
+# Wilcoxon markers (scanpy flavour), filtered as scanpy's filter_rank_genes_groups
+wx <- step("find_markers (Wilcoxon, all genes)", find_markers(obj, group_by))
+top <- step("filter_markers + top_markers", top_markers(filter_markers(wx), n = 5))
+utils::write.csv(top, file.path(out, "top_markers.csv"), row.names = FALSE)
+step("save top_markers_dotplot.png", ggplot2::ggsave(
+  file.path(out, "top_markers_dotplot.png"),
+  plot_marker_dotplot(obj, filter_markers(wx), n = 5, group_by = group_by, standard_scale = "var"),
+  width = 14, height = 4.5, dpi = 100))
 # a data-driven cluster -> label map: each group takes the marker set it expresses most
 top <- tapply(d$color, list(d$group, d$marker_set), mean)
 mapping <- stats::setNames(colnames(top)[apply(top, 1, which.max)], rownames(top))

@@ -527,22 +527,22 @@ fn row_counts(c: &CscView) -> ScResult<Vec<u64>> {
     let threads = rayon::current_num_threads().max(1);
     let n_blocks = (threads * 2).min(ncol.max(1));
     let step = ncol.div_ceil(n_blocks).max(1);
-    let res: Vec<Option<Vec<u64>>> = (0..n_blocks)
+    let res: Vec<Option<Vec<u32>>> = (0..n_blocks)
         .into_par_iter()
         .map(|b| {
-            let mut cnt = vec![0u64; nrow];
+            // u32: a row has fewer stored values than there are cells (< 2^31)
+            let mut cnt = vec![0u32; nrow];
+            let mut unsorted = false;
             for j in (b * step)..((b + 1) * step).min(ncol) {
                 let (is, _) = c.col(j);
                 let mut prev = -1i32;
                 for &r in is {
-                    if r <= prev {
-                        return None;
-                    }
+                    unsorted |= r <= prev;
                     prev = r;
                     cnt[r as usize] += 1;
                 }
             }
-            Some(cnt)
+            (!unsorted).then_some(cnt)
         })
         .collect();
     let mut total = vec![0u64; nrow];
@@ -556,7 +556,7 @@ fn row_counts(c: &CscView) -> ScResult<Vec<u64>> {
             )
         })?;
         for (t, v) in total.iter_mut().zip(r) {
-            *t += v;
+            *t += v as u64;
         }
     }
     Ok(total)
@@ -661,10 +661,11 @@ fn extract_csc(c: &CscView, g0: usize, g1: usize, row_nnz: &[u64], st: &Setup, s
         acc += n as usize;
         sc.counts.push(acc);
     }
-    sc.vals.clear();
-    sc.vals.resize(acc, 0.0);
-    sc.codes.clear();
-    sc.codes.resize(acc, 0);
+    // grow only: slots past a gene's fill are never read, so stale values may stay
+    if sc.vals.len() < acc {
+        sc.vals.resize(acc, 0.0);
+        sc.codes.resize(acc, 0);
+    }
     sc.fill.clear();
     sc.fill.extend_from_slice(&sc.counts[..nr]);
     let g1i = g1 as i32;
@@ -739,10 +740,11 @@ fn extract_dense(d: &DenseView, g0: usize, g1: usize, st: &Setup, sc: &mut Scrat
         sc.counts[r + 1] += sc.counts[r];
     }
     let total = sc.counts[nr];
-    sc.vals.clear();
-    sc.vals.resize(total, 0.0);
-    sc.codes.clear();
-    sc.codes.resize(total, 0);
+    // grow only: slots past a gene's fill are never read, so stale values may stay
+    if sc.vals.len() < total {
+        sc.vals.resize(total, 0.0);
+        sc.codes.resize(total, 0);
+    }
     sc.fill.clear();
     sc.fill.extend_from_slice(&sc.counts[..nr]);
     for j in 0..d.ncol() {
