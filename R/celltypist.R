@@ -181,15 +181,7 @@ annotate_celltypist.Seurat <- function(object, model, ..., assay = NULL, layer =
   e <- get_expression(object, assay = assay, layer = layer)
   res <- celltypist_run(e$matrix, e$cells, model, mode, p_thres, majority_voting,
                         over_clustering, min_prop, conf_by, normalize, n_threads, call)
-  prefix <- check_prefix(prefix, call)
-  tab <- res$table
-  names(tab) <- paste0(prefix, names(tab))
-  object <- add_cell_columns(object, tab)
-  if (isTRUE(return_probabilities)) {
-    object@misc[[paste0(prefix, "probability")]] <- res$probability
-    object@misc[[paste0(prefix, "decision")]] <- res$decision
-  }
-  object
+  celltypist_add(object, res, prefix, return_probabilities, call)
 }
 
 #' @rdname annotate_celltypist
@@ -207,17 +199,7 @@ annotate_celltypist.SummarizedExperiment <- function(object, model, ..., assay =
   e <- get_expression(object, assay = assay)
   res <- celltypist_run(e$matrix, e$cells, model, mode, p_thres, majority_voting,
                         over_clustering, min_prop, conf_by, normalize, n_threads, call)
-  prefix <- check_prefix(prefix, call)
-  tab <- res$table
-  names(tab) <- paste0(prefix, names(tab))
-  object <- add_cell_columns(object, tab)
-  if (isTRUE(return_probabilities)) {
-    md <- S4Vectors::metadata(object)
-    md[[paste0(prefix, "probability")]] <- res$probability
-    md[[paste0(prefix, "decision")]] <- res$decision
-    S4Vectors::metadata(object) <- md
-  }
-  object
+  celltypist_add(object, res, prefix, return_probabilities, call)
 }
 
 check_prefix <- function(prefix, call) {
@@ -322,4 +304,18 @@ over_cluster_labels <- function(over_clustering, cells, n, call) {
                   call = call)
   }
   as.character(over_clustering)
+}
+
+# Prefixed result columns into the object's cell metadata; probability and decision
+# matrices object-wide (Seurat misc / SCE metadata) when asked.
+celltypist_add <- function(object, res, prefix, return_probabilities, call) {
+  prefix <- check_prefix(prefix, call)
+  tab <- res$table
+  names(tab) <- paste0(prefix, names(tab))
+  object <- add_cell_columns(object, tab)
+  if (isTRUE(return_probabilities)) {
+    object <- store_in_object(object, paste0(prefix, "probability"), res$probability)
+    object <- store_in_object(object, paste0(prefix, "decision"), res$decision)
+  }
+  object
 }

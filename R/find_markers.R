@@ -70,10 +70,7 @@ find_markers.Seurat <- function(object, group_by, ..., assay = NULL, layer = "da
   res <- markers_compute(get_expression(object, assay = assay, layer = layer), group_by,
                          groups, reference, tie_correct, flavor, log_base, n_threads, call)
   if (isTRUE(check_flag(store))) {
-    misc <- object@misc
-    misc$scannot_markers <- res
-    object@misc <- misc
-    return(object)
+    return(store_in_object(object, "scannot_markers", res))
   }
   res
 }
@@ -91,8 +88,7 @@ find_markers.SummarizedExperiment <- function(object, group_by, ..., assay = "lo
   res <- markers_compute(get_expression(object, assay = assay), group_by, groups, reference,
                          tie_correct, flavor, log_base, n_threads, call)
   if (isTRUE(check_flag(store))) {
-    S4Vectors::metadata(object)$scannot_markers <- res
-    return(object)
+    return(store_in_object(object, "scannot_markers", res))
   }
   res
 }

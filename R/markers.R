@@ -184,6 +184,19 @@ cell_metadata <- function(object, call = rlang::caller_env()) {
                 "input", call = call)
 }
 
+# Store a result object-wide in a copy of the object: Seurat `@misc[[name]]`,
+# SummarizedExperiment `metadata(object)[[name]]`.
+store_in_object <- function(object, name, value) {
+  if (is_seurat(object)) {
+    object@misc[[name]] <- value
+  } else {
+    md <- S4Vectors::metadata(object)
+    md[[name]] <- value
+    S4Vectors::metadata(object) <- md
+  }
+  object
+}
+
 # Add columns (a named list or data frame, one value per cell) to a copy of the object.
 add_cell_columns <- function(object, cols) {
   if (is_seurat(object)) {
