@@ -19,7 +19,7 @@ rs_log_normalize <- function(p, i, x, nrow, ncol, dense, target_sum, n_threads) 
 
 #' Simulated labelled counts (gamma-Poisson with real marker symbols and batches).
 #' @noRd
-rs_simulate <- function(n_cells, n_genes, n_types, n_batches, seed, depth, marker_fold, batch_effect, n_threads) .Call(wrap__rs_simulate, n_cells, n_genes, n_types, n_batches, seed, depth, marker_fold, batch_effect, n_threads)
+rs_simulate <- function(n_cells, n_genes, n_types, n_batches, seed, depth, marker_fold, batch_effect, genes_per_cell, n_threads) .Call(wrap__rs_simulate, n_cells, n_genes, n_types, n_batches, seed, depth, marker_fold, batch_effect, genes_per_cell, n_threads)
 
 #' Test hook: raise a core error of the given kind, or panic, to check the R mapping.
 #' @noRd

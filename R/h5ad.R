@@ -16,6 +16,14 @@ check_h5ad_path <- function(path, call = rlang::caller_env()) {
 h5ad_matrix <- function(path, elem, features = NULL, cells = NULL, transpose = TRUE,
                         call = rlang::caller_env()) {
   r <- rs_call(rs_h5ad_read_matrix(path, elem), call = call)
+  # AnnData shape: obs x var (obsp: obs x obs, varp: var x var)
+  want <- c(length(cells), length(features))
+  got <- as.integer(r$shape)
+  if ((!is.null(cells) && got[1] != want[1]) || (!is.null(features) && got[2] != want[2])) {
+    abort_scannot(sprintf("'%s' in '%s' is %d x %d but the file has %d obs and %d var names: the file is corrupt.",
+                          elem, path, got[1], got[2], length(cells), length(features)),
+                  "format", call = call)
+  }
   h5ad_build_matrix(r, features, cells, transpose)
 }
 

@@ -17,6 +17,15 @@
 #' @param depth Mean total counts per cell.
 #' @param marker_fold Fold change of a marker in its cell types.
 #' @param batch_effect Standard deviation (natural log) of the per-batch gene effect.
+#' @param genes_per_cell `NULL` (default) for the gamma-Poisson generator above, whose
+#'   cost grows with cells x genes. A number switches to the sparse generator for large
+#'   data (a million cells and more): each cell draws its library from its type's gene
+#'   profile (multinomial, i.e. Poisson counts given the library size, no extra gene
+#'   dispersion), with the library size tuned so that about `genes_per_cell` genes are
+#'   detected per cell on average (`depth` is then ignored). Its cost is linear in the
+#'   counts and the dgCMatrix slots are written once, in place. Cell types and batches
+#'   are the same as the default generator's for the same `seed`. The non-zeros must stay
+#'   below 2^31 (a dgCMatrix's limit).
 #' @param as `"SingleCellExperiment"` (counts and logcounts assays), `"Seurat"`, or
 #'   `"list"` (a `counts` dgCMatrix and a `cells` data frame).
 #' @param n_threads Threads (default: option `scannot.threads`, else all cores).
@@ -25,10 +34,13 @@
 #' @examples
 #' sim <- simulate_counts(n_cells = 200, n_genes = 100, as = "list")
 #' table(sim$cells$cell_type)
+#' # sparse generator: about 100 detected genes per cell
+#' big <- simulate_counts(n_cells = 5000, n_genes = 3000, genes_per_cell = 100, as = "list")
+#' mean(diff(big$counts@p))
 simulate_counts <- function(n_cells = 2000, n_genes = 2000, n_types = 8, n_batches = 2,
                             seed = 42, depth = 3000, marker_fold = 30, batch_effect = 0.25,
                             as = c("SingleCellExperiment", "Seurat", "list"),
-                            n_threads = NULL) {
+                            genes_per_cell = NULL, n_threads = NULL) {
   call <- rlang::current_env()
   as <- rlang::arg_match(as)
   n_threads <- scannot_threads(n_threads)
@@ -36,7 +48,9 @@ simulate_counts <- function(n_cells = 2000, n_genes = 2000, n_types = 8, n_batch
                            as.integer(check_number(n_types)),
                            as.integer(check_number(n_batches)), check_number(seed),
                            check_number(depth), check_number(marker_fold),
-                           check_number(batch_effect), n_threads), call = call)
+                           check_number(batch_effect),
+                           if (is.null(genes_per_cell)) NaN else check_number(genes_per_cell),
+                           n_threads), call = call)
   cells <- sprintf("cell%06d", seq_len(r$ncol))
   counts <- new("dgCMatrix", i = r$i, p = r$p, x = r$x, Dim = c(r$nrow, r$ncol),
                 Dimnames = list(r$genes, cells))

@@ -156,3 +156,49 @@ test_that("legacy anndata 0.7 (__categories, h5sparse attributes) and 0.8 files 
     expect_equal(a$uns$clusters$resolution, 0.5)
   }
 })
+
+# Corpus test: truncated and corrupted copies of every fixture, random files and HDF5
+# files that are not (valid) AnnData. Each read gives a result or a scannot_error, never
+# another error or a crash; truncated, random and non-AnnData files always give an error.
+# SCANNOT_FUZZ_ITERS raises the number of corrupted copies per fixture (default 12).
+read_outcome <- function(path) {
+  tryCatch({ read_h5ad(path, as = "list"); "ok" },
+           scannot_error = function(e) "scannot_error",
+           error = function(e) paste("other error:", conditionMessage(e)))
+}
+
+test_that("truncated, corrupt, random and non-AnnData files give scannot errors (corpus)", {
+  iters <- as.integer(Sys.getenv("SCANNOT_FUZZ_ITERS", "12"))
+  bad <- tempfile(fileext = ".h5ad")
+  on.exit(unlink(bad))
+  set.seed(11)
+  for (name in list.files(test_path("fixtures", "h5ad"), pattern = "[.]h5ad$")) {
+    src <- readBin(fx(name), "raw", file.size(fx(name)))
+    n <- length(src)
+    for (cut in unique(c(0L, 1L, 8L, 512L, 2048L, round(seq(0.05, 0.95, by = 0.1) * n), n - 1L))) {
+      writeBin(src[seq_len(cut)], bad)
+      expect_identical(read_outcome(bad), "scannot_error", info = paste(name, "cut at", cut))
+    }
+    for (k in seq_len(iters)) {
+      b <- src
+      at <- sample.int(n, 1L)
+      len <- min(sample.int(64L, 1L), n - at + 1L)
+      b[at:(at + len - 1L)] <- if (k %% 2L) as.raw(sample(0:255, len, TRUE)) else as.raw(0L)
+      writeBin(b, bad)
+      expect_true(read_outcome(bad) %in% c("ok", "scannot_error"),
+                  info = paste(name, "corrupted at", at))
+    }
+  }
+  for (k in 1:6) {
+    b <- as.raw(sample(0:255, c(0, 7, 100, 1000, 5000, 70000)[k], TRUE))
+    if (k >= 3) b[1:8] <- as.raw(c(0x89, 0x48, 0x44, 0x46, 0x0d, 0x0a, 0x1a, 0x0a))
+    writeBin(b, bad)
+    expect_identical(read_outcome(bad), "scannot_error", info = paste("random file", k))
+  }
+  bad_dir <- test_path("fixtures", "h5ad-bad")
+  files <- list.files(bad_dir, pattern = "[.]h5$", full.names = TRUE)
+  expect_gte(length(files), 10L)
+  for (f in files) {
+    expect_identical(read_outcome(f), "scannot_error", info = basename(f))
+  }
+})

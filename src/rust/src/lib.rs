@@ -7,6 +7,7 @@
 
 use extendr_api::prelude::*;
 use extendr_api::Result;
+use extendr_ffi::SEXPTYPE;
 use scannot_core::dotplot::{dotplot, DotplotOptions};
 use scannot_core::matrix::{CscView, DenseView, ExprMatrix};
 use scannot_core::{ScError, ScResult};
@@ -123,6 +124,7 @@ fn rs_simulate(
     depth: f64,
     marker_fold: f64,
     batch_effect: f64,
+    genes_per_cell: f64,
     n_threads: i32,
 ) -> Result<List> {
     guard(|| {
@@ -145,6 +147,33 @@ fn rs_simulate(
             marker_fold,
             batch_effect,
         };
+        if !genes_per_cell.is_nan() {
+            // sparse generator: the slots are allocated once, at their final size, in R
+            let plan = threads(n_threads, || {
+                scannot_core::simulate::simulate_sparse_plan(&params, genes_per_cell)
+            })??;
+            let mut x = Robj::alloc_vector(SEXPTYPE::REALSXP, plan.nnz());
+            let mut i = Robj::alloc_vector(SEXPTYPE::INTSXP, plan.nnz());
+            {
+                let xs = x.as_real_slice_mut().unwrap_or(&mut []);
+                let is = i.as_integer_slice_mut().unwrap_or(&mut []);
+                threads(n_threads, || plan.fill(is, xs))??;
+            }
+            let cell_type: Vec<i32> = plan.cell_type.iter().map(|&t| t as i32 + 1).collect();
+            let batch: Vec<i32> = plan.batch.iter().map(|&b| b as i32 + 1).collect();
+            return Ok(list!(
+                p = plan.p.clone(),
+                i = i,
+                x = x,
+                nrow = params.n_genes as i32,
+                ncol = params.n_cells as i32,
+                genes = plan.genes.clone(),
+                type_names = plan.type_names.clone(),
+                cell_type = cell_type,
+                batch = batch,
+                depth = plan.depth
+            ));
+        }
         let s = threads(n_threads, || scannot_core::simulate::simulate(&params))??;
         let cell_type: Vec<i32> = s.cell_type.iter().map(|&t| t as i32 + 1).collect();
         let batch: Vec<i32> = s.batch.iter().map(|&b| b as i32 + 1).collect();

@@ -85,7 +85,37 @@ fn bad(msg: String) -> ScError {
     ScError::Input(msg)
 }
 
-pub fn simulate(p: &SimParams) -> ScResult<Simulated> {
+/// Gene-level parameters shared by both generators, drawn from stream 0 of the seed.
+struct Model {
+    genes: Vec<String>,
+    disp: Vec<f64>,
+    /// relative expression per type (sums to 1)
+    rel: Vec<Vec<f64>>,
+    batch_fac: Vec<Vec<f64>>,
+    /// cumulative type proportions
+    cum: Vec<f64>,
+    size_d: LogNormal<f64>,
+}
+
+impl Model {
+    /// Type, batch and library size factor of cell `j` (its own ChaCha stream, which the
+    /// caller keeps drawing from).
+    fn cell(&self, p: &SimParams, j: usize) -> (usize, usize, f64, ChaCha8Rng) {
+        let mut r = ChaCha8Rng::seed_from_u64(p.seed);
+        r.set_stream(j as u64 + 1);
+        let u: f64 = r.random();
+        let t = self
+            .cum
+            .iter()
+            .position(|&c| u < c)
+            .unwrap_or(p.n_types - 1);
+        let b = r.random_range(0..p.n_batches);
+        let size = self.size_d.sample(&mut r);
+        (t, b, size, r)
+    }
+}
+
+fn model(p: &SimParams) -> ScResult<Model> {
     if p.n_types == 0 || p.n_types > CELL_TYPES.len() {
         return Err(bad(format!(
             "n_types must be between 1 and {}",
@@ -176,15 +206,25 @@ pub fn simulate(p: &SimParams) -> ScResult<Simulated> {
         .collect();
     let size_d = LogNormal::new(0.0, 0.35).unwrap();
 
+    Ok(Model {
+        genes,
+        disp,
+        rel,
+        batch_fac,
+        cum,
+        size_d,
+    })
+}
+
+pub fn simulate(p: &SimParams) -> ScResult<Simulated> {
+    let md = model(p)?;
+    let ng = p.n_genes;
+    let (rel, batch_fac, disp) = (&md.rel, &md.batch_fac, &md.disp);
     let cells: Vec<(u32, u32, Vec<i32>, Vec<f64>)> = (0..p.n_cells)
         .into_par_iter()
         .map(|j| {
-            let mut r = ChaCha8Rng::seed_from_u64(p.seed);
-            r.set_stream(j as u64 + 1);
-            let u: f64 = r.random();
-            let t = cum.iter().position(|&c| u < c).unwrap_or(p.n_types - 1);
-            let b = r.random_range(0..p.n_batches);
-            let size = p.depth * size_d.sample(&mut r);
+            let (t, b, size, mut r) = md.cell(p, j);
+            let size = p.depth * size;
             let (mut is, mut xs) = (Vec::new(), Vec::new());
             for k in 0..ng {
                 let mu = size * rel[t][k] * batch_fac[b][k];
@@ -231,11 +271,266 @@ pub fn simulate(p: &SimParams) -> ScResult<Simulated> {
             i: ii,
             x: xx,
         },
-        genes,
-        type_names: types.iter().map(|(n, _)| n.to_string()).collect(),
+        genes: md.genes,
+        type_names: CELL_TYPES[..p.n_types]
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect(),
         cell_type,
         batch,
     })
+}
+
+/// The sparse generator for large data: each cell draws its library of counts from its
+/// type's (batch-adjusted) gene distribution, so the cost is linear in the counts, not in
+/// cells x genes. Built in two passes that both replay every cell's own stream: [`plan`]
+/// counts each cell's detected genes (the column pointers, so the caller can allocate the
+/// slots at their final size, e.g. as R vectors), then [`SparsePlan::fill`] writes the
+/// row indices and counts into them in parallel. Same seed, same data, for any number of
+/// threads.
+///
+/// [`plan`]: simulate_sparse_plan
+pub struct SparsePlan {
+    params: SimParams,
+    pub genes: Vec<String>,
+    pub type_names: Vec<String>,
+    /// 0-based type of each cell
+    pub cell_type: Vec<u32>,
+    /// 0-based batch of each cell
+    pub batch: Vec<u32>,
+    /// column pointers (len n_cells + 1)
+    pub p: Vec<i32>,
+    /// counts drawn per unit library size factor (tuned to `genes_per_cell`)
+    pub depth: f64,
+    md: Model,
+    /// alias table per (type, batch): probability threshold (high 32 bits) and alias
+    tables: Vec<Vec<u64>>,
+}
+
+/// Walker/Vose alias table of `w` (non-negative, positive sum): entry = threshold << 32 |
+/// alias, where a draw of bucket `k` with a uniform 32-bit `u` keeps `k` when
+/// `u < threshold`, else takes the alias.
+fn alias_table(w: &[f64]) -> Vec<u64> {
+    let n = w.len();
+    let s: f64 = w.iter().sum();
+    let mut q: Vec<f64> = w.iter().map(|v| v * n as f64 / s).collect();
+    let mut alias: Vec<u32> = (0..n as u32).collect();
+    let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&k| q[k] < 1.0);
+    while let (Some(&l), Some(&g)) = (small.last(), large.last()) {
+        small.pop();
+        alias[l] = g as u32;
+        q[g] -= 1.0 - q[l];
+        if q[g] < 1.0 {
+            large.pop();
+            small.push(g);
+        }
+    }
+    for k in large.into_iter().chain(small) {
+        q[k] = 1.0;
+    }
+    q.iter()
+        .zip(&alias)
+        .map(|(&v, &a)| {
+            let th = (v * 4294967296.0).min(4294967295.0) as u64;
+            let th = if v >= 1.0 { 0xFFFF_FFFF } else { th };
+            (th << 32) | a as u64
+        })
+        .collect()
+}
+
+/// wyrand: a fast, statistically sound 64-bit generator for the bulk draws (seeded per
+/// cell from its ChaCha stream).
+struct WyRand(u64);
+
+impl WyRand {
+    #[inline(always)]
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = (self.0 as u128).wrapping_mul((self.0 ^ 0xe703_7ed1_a0b4_28db) as u128);
+        ((t >> 64) as u64) ^ (t as u64)
+    }
+}
+
+/// Per-thread scratch of the sparse generator.
+struct SparseScratch {
+    count: Vec<u32>,
+    touched: Vec<u32>,
+}
+
+impl SparsePlan {
+    /// Draw cell `j`'s counts into `sc` (`touched` lists its detected genes, unsorted,
+    /// `count` their counts). The caller resets `count` at the touched genes. Returns the
+    /// cell's type and batch.
+    fn draw(&self, j: usize, sc: &mut SparseScratch) -> (u32, u32) {
+        let (t, b, size, mut r) = self.md.cell(&self.params, j);
+        let lib = (self.depth * size).round().max(1.0) as u64;
+        let tab = &self.tables[t * self.params.n_batches + b];
+        let n = tab.len() as u64;
+        let mut w = WyRand(r.random::<u64>());
+        sc.touched.clear();
+        for _ in 0..lib {
+            let u = w.next();
+            let k = ((u >> 32) * n) >> 32;
+            let e = tab[k as usize];
+            let g = if (u & 0xFFFF_FFFF) < (e >> 32) {
+                k as u32
+            } else {
+                e as u32
+            };
+            let c = &mut sc.count[g as usize];
+            if *c == 0 {
+                sc.touched.push(g);
+            }
+            *c += 1;
+        }
+        (t as u32, b as u32)
+    }
+
+    fn scratch(&self) -> SparseScratch {
+        SparseScratch {
+            count: vec![0; self.genes.len()],
+            touched: Vec::new(),
+        }
+    }
+
+    /// Number of stored values.
+    pub fn nnz(&self) -> usize {
+        self.p.last().copied().unwrap_or(0) as usize
+    }
+
+    /// Write the row indices (sorted within cells) and counts; `i` and `x` must have
+    /// length [`SparsePlan::nnz`].
+    pub fn fill(&self, i: &mut [i32], x: &mut [f64]) -> ScResult<()> {
+        let nnz = self.nnz();
+        if i.len() != nnz || x.len() != nnz {
+            return Err(ScError::Dims(format!(
+                "the slots must hold {nnz} values, not {} and {}",
+                i.len(),
+                x.len()
+            )));
+        }
+        const BLOCK: usize = 2048;
+        let n_cells = self.params.n_cells;
+        let mut blocks = Vec::with_capacity(n_cells.div_ceil(BLOCK));
+        let (mut ri, mut rx) = (i, x);
+        for c0 in (0..n_cells).step_by(BLOCK) {
+            let c1 = (c0 + BLOCK).min(n_cells);
+            let len = (self.p[c1] - self.p[c0]) as usize;
+            let (a, b) = std::mem::take(&mut ri).split_at_mut(len);
+            let (u, v) = std::mem::take(&mut rx).split_at_mut(len);
+            blocks.push((c0, c1, a, u));
+            ri = b;
+            rx = v;
+        }
+        blocks.into_par_iter().for_each_init(
+            || self.scratch(),
+            |sc, (c0, c1, bi, bx)| {
+                let base = self.p[c0] as usize;
+                for j in c0..c1 {
+                    self.draw(j, sc);
+                    sc.touched.sort_unstable();
+                    let o = self.p[j] as usize - base;
+                    for (q, &g) in sc.touched.iter().enumerate() {
+                        bi[o + q] = g as i32;
+                        bx[o + q] = sc.count[g as usize] as f64;
+                        sc.count[g as usize] = 0;
+                    }
+                }
+            },
+        );
+        Ok(())
+    }
+}
+
+/// Plan the sparse generator: cells drawing about `genes_per_cell` detected genes on
+/// average (the library size is tuned to it). Counts per gene are Poisson given the
+/// cell's library size and type/batch profile (no extra gene dispersion).
+pub fn simulate_sparse_plan(p: &SimParams, genes_per_cell: f64) -> ScResult<SparsePlan> {
+    let md = model(p)?;
+    let ng = p.n_genes;
+    if !(genes_per_cell >= 1.0 && genes_per_cell < 0.9 * ng as f64) {
+        return Err(bad(format!(
+            "genes_per_cell must be between 1 and 90% of n_genes ({}), not {genes_per_cell}",
+            0.9 * ng as f64
+        )));
+    }
+    let mut profiles = Vec::with_capacity(p.n_types * p.n_batches);
+    for t in 0..p.n_types {
+        for b in 0..p.n_batches {
+            let w: Vec<f64> = (0..ng).map(|k| md.rel[t][k] * md.batch_fac[b][k]).collect();
+            let s: f64 = w.iter().sum();
+            profiles.push(w.into_iter().map(|v| v / s).collect::<Vec<f64>>());
+        }
+    }
+    // library size giving the wanted mean of detected genes: sum_k 1 - exp(-L q_k),
+    // averaged over the profiles, increases with L: bisection on log L
+    let detected = |l: f64| {
+        profiles
+            .iter()
+            .map(|q| q.iter().map(|&v| -(-l * v).exp_m1()).sum::<f64>())
+            .sum::<f64>()
+            / profiles.len() as f64
+    };
+    let (mut lo, mut hi) = (0.0f64, 40.0f64);
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if detected(mid.exp()) < genes_per_cell {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let depth = (0.5 * (lo + hi)).exp();
+    if depth > 1e8 {
+        return Err(bad(format!(
+            "genes_per_cell = {genes_per_cell} needs more than 1e8 counts per cell; ask for fewer"
+        )));
+    }
+    let tables = profiles.iter().map(|q| alias_table(q)).collect();
+    let mut plan = SparsePlan {
+        params: p.clone(),
+        genes: md.genes.clone(),
+        type_names: CELL_TYPES[..p.n_types]
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect(),
+        cell_type: Vec::new(),
+        batch: Vec::new(),
+        p: Vec::new(),
+        depth,
+        md,
+        tables,
+    };
+    let per_cell: Vec<(u32, u32, u32)> = (0..p.n_cells)
+        .into_par_iter()
+        .map_init(
+            || plan.scratch(),
+            |sc, j| {
+                let (t, b) = plan.draw(j, sc);
+                for &g in &sc.touched {
+                    sc.count[g as usize] = 0;
+                }
+                (t, b, sc.touched.len() as u32)
+            },
+        )
+        .collect();
+    plan.cell_type = per_cell.iter().map(|c| c.0).collect();
+    plan.batch = per_cell.iter().map(|c| c.1).collect();
+    let mut pp = Vec::with_capacity(p.n_cells + 1);
+    let mut acc = 0u64;
+    pp.push(0i32);
+    for &(_, _, c) in &per_cell {
+        acc += c as u64;
+        if acc > i32::MAX as u64 {
+            return Err(bad(format!(
+                "more than 2^31 - 1 non-zeros (a dgCMatrix's limit); simulate fewer cells or \
+                 a smaller genes_per_cell"
+            )));
+        }
+        pp.push(acc as i32);
+    }
+    plan.p = pp;
+    Ok(plan)
 }
 
 #[cfg(test)]
@@ -305,5 +600,112 @@ mod tests {
             ..small()
         })
         .is_err());
+    }
+
+    fn sparse(p: &SimParams, gpc: f64) -> CscOwned {
+        let plan = simulate_sparse_plan(p, gpc).unwrap();
+        let mut i = vec![0i32; plan.nnz()];
+        let mut x = vec![0f64; plan.nnz()];
+        plan.fill(&mut i, &mut x).unwrap();
+        CscOwned {
+            nrow: p.n_genes,
+            ncol: p.n_cells,
+            p: plan.p.clone(),
+            i,
+            x,
+        }
+    }
+
+    #[test]
+    fn sparse_generator_is_seeded_valid_and_sized() {
+        let p = SimParams {
+            n_cells: 3000,
+            n_genes: 5000,
+            ..Default::default()
+        };
+        let a = with_threads(1, || sparse(&p, 300.0)).unwrap();
+        let b = with_threads(2, || sparse(&p, 300.0)).unwrap();
+        assert_eq!(a, b);
+        let c = sparse(
+            &SimParams {
+                seed: 9,
+                ..p.clone()
+            },
+            300.0,
+        );
+        assert_ne!(a, c);
+        // valid CSC: rows strictly increasing in every column, positive whole counts
+        for j in 0..a.ncol {
+            let (s, e) = (a.p[j] as usize, a.p[j + 1] as usize);
+            assert!(a.i[s..e].windows(2).all(|w| w[0] < w[1]));
+            assert!(a.i[s..e].iter().all(|&r| (0..5000).contains(&r)));
+            assert!(a.x[s..e].iter().all(|&v| v >= 1.0 && v.fract() == 0.0));
+        }
+        // about the asked number of detected genes per cell (library sizes vary)
+        let mean = a.x.len() as f64 / a.ncol as f64;
+        assert!((240.0..360.0).contains(&mean), "mean genes per cell {mean}");
+        // same cell types as the dense generator; markers up in their type
+        let plan = simulate_sparse_plan(&p, 300.0).unwrap();
+        let dense = simulate(&SimParams {
+            n_genes: 5000,
+            ..p.clone()
+        })
+        .unwrap();
+        assert_eq!(plan.cell_type, dense.cell_type);
+        let k = plan.genes.iter().position(|g| g == "EPCAM").unwrap() as i32;
+        let mut per_type = vec![(0.0f64, 0usize); 8];
+        for j in 0..a.ncol {
+            let (s, e) = (a.p[j] as usize, a.p[j + 1] as usize);
+            let tot: f64 = a.x[s..e].iter().sum();
+            let v = a.i[s..e]
+                .iter()
+                .position(|&r| r == k)
+                .map_or(0.0, |q| a.x[s + q] / tot);
+            let t = plan.cell_type[j] as usize;
+            per_type[t].0 += v;
+            per_type[t].1 += 1;
+        }
+        let means: Vec<f64> = per_type.iter().map(|(s, n)| s / *n as f64).collect();
+        let best = (0..8)
+            .max_by(|&x, &y| means[x].total_cmp(&means[y]))
+            .unwrap();
+        assert_eq!(plan.type_names[best], "Epithelial");
+    }
+
+    #[test]
+    fn sparse_generator_rejects_bad_sizes() {
+        let p = SimParams {
+            n_cells: 10,
+            n_genes: 500,
+            ..Default::default()
+        };
+        assert!(simulate_sparse_plan(&p, 0.0).is_err());
+        assert!(simulate_sparse_plan(&p, 480.0).is_err());
+        assert!(simulate_sparse_plan(&p, f64::NAN).is_err());
+        let plan = simulate_sparse_plan(&p, 50.0).unwrap();
+        assert!(plan.fill(&mut [], &mut []).is_err() || plan.nnz() == 0);
+    }
+
+    #[test]
+    fn alias_table_draws_the_weights() {
+        let w = [1.0, 0.0, 3.0, 6.0];
+        let tab = alias_table(&w);
+        let mut hits = [0u32; 4];
+        let mut r = WyRand(1);
+        for _ in 0..200_000 {
+            let u = r.next();
+            let k = ((u >> 32) * 4) >> 32;
+            let e = tab[k as usize];
+            let g = if (u & 0xFFFF_FFFF) < (e >> 32) {
+                k
+            } else {
+                e & 0xFFFF_FFFF
+            };
+            hits[g as usize] += 1;
+        }
+        assert_eq!(hits[1], 0);
+        for (h, f) in hits.iter().zip([0.1, 0.0, 0.3, 0.6]) {
+            assert!((*h as f64 / 200_000.0 - f).abs() < 0.005);
+        }
     }
 }

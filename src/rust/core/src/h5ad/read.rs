@@ -15,7 +15,7 @@ use hdf5_sys::h5t::{
     H5Tget_size, H5Tis_variable_str,
 };
 
-use super::{Elem, Frame, MatrixKind, Sparse, Values};
+use super::{direct, Elem, Frame, MatrixKind, Sparse, Values};
 use crate::{ScError, ScResult};
 
 fn ferr(ctx: &str, e: impl std::fmt::Display) -> ScError {
@@ -40,6 +40,9 @@ pub struct MatrixInfo {
     /// The stored values are integers (e.g. raw counts).
     pub integer: bool,
     name: String,
+    /// the file's path and userblock size, for the parallel direct reads
+    file_path: String,
+    userblock: u64,
     data: Dataset,
     indices: Option<Dataset>,
     indptr: Option<Dataset>,
@@ -53,6 +56,15 @@ impl H5ad {
                 "'{path}' does not exist or is not a file"
             )));
         }
+        // libhdf5 can hang on a corrupt global heap, and crash or hang on other corrupt
+        // metadata: check the heaps here, then walk the metadata in a child process
+        super::heapcheck::check(path)?;
+        super::isolate::check(path)?;
+        Self::open_unchecked(path)
+    }
+
+    /// [`H5ad::open`] without the corruption guards (for the guard's own child process).
+    pub(crate) fn open_unchecked(path: &str) -> ScResult<Self> {
         hdf5::silence_errors(true);
         let file = hdf5::File::open(path).map_err(|e| {
             ScError::Format(format!(
@@ -118,6 +130,21 @@ impl H5ad {
             .map_err(|e| ferr(&format!("'{path}' is not a group"), e))?;
         g.member_names()
             .map_err(|e| ferr(&format!("cannot list '{path}'"), e))
+    }
+
+    /// A corrupt size must not turn into a huge allocation: `n` values need at least
+    /// `n / 1100` bytes of file (gzip's best ratio is about 1032:1) unless the dataset
+    /// has no storage yet (all fill values), which a few bytes describe.
+    fn plausible(&self, path: &str, n: usize, ds: &Dataset) -> ScResult<()> {
+        let file_len = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        let stored = ds.storage_size();
+        if (n as u128) * 8 > (file_len as u128 + 4096) * 1100 || (stored > 0 && stored > file_len) {
+            return Err(ScError::Format(format!(
+                "matrix '{path}' claims {n} values, more than a {file_len}-byte file can hold: \
+                 the file is corrupt"
+            )));
+        }
+        Ok(())
     }
 
     /// Read any element.
@@ -223,6 +250,7 @@ impl H5ad {
                          which R's dgCMatrix cannot hold"
                     )));
                 }
+                self.plausible(path, nnz, &data)?;
                 Ok(MatrixInfo {
                     kind: if csr {
                         MatrixKind::Csr
@@ -233,6 +261,8 @@ impl H5ad {
                     nnz,
                     integer,
                     name: path.to_string(),
+                    file_path: self.path.clone(),
+                    userblock: self.file.userblock(),
                     data,
                     indices: Some(indices),
                     indptr: Some(indptr),
@@ -255,12 +285,21 @@ impl H5ad {
                 if !integer && !is_float(&ds)? {
                     return Err(ScError::Format(format!("matrix '{path}' is not numeric")));
                 }
+                let nnz = shape[0]
+                    .checked_mul(shape[1])
+                    .filter(|&n| n == ds.size())
+                    .ok_or_else(|| {
+                        ScError::Format(format!("matrix '{path}' has a corrupt shape"))
+                    })?;
+                self.plausible(path, nnz, &ds)?;
                 Ok(MatrixInfo {
                     kind: MatrixKind::Dense,
                     shape,
-                    nnz: shape[0] * shape[1],
+                    nnz,
                     integer,
                     name: path.to_string(),
+                    file_path: self.path.clone(),
+                    userblock: self.file.userblock(),
                     data: ds,
                     indices: None,
                     indptr: None,
@@ -314,7 +353,7 @@ fn sparse_header(g: &Group, path: &str) -> ScResult<(bool, [usize; 2])> {
     };
     let shape: Vec<i64> = g
         .attr(shape_attr)
-        .and_then(|a| a.read_raw::<i64>())
+        .and_then(|a| safe_raw::<i64>(&a))
         .map_err(|e| ferr(&format!("sparse matrix '{path}' has no readable shape"), e))?;
     match shape.as_slice() {
         [a, b] if *a >= 0 && *b >= 0 => Ok((csr, [*a as usize, *b as usize])),
@@ -346,6 +385,19 @@ impl MatrixInfo {
             let what = what.to_string();
             move |e: hdf5::Error| ferr(&format!("cannot read '{name}/{what}'"), e)
         };
+        // unfiltered little-endian arrays: parallel reads straight from the file
+        if let Ok(file) = std::fs::File::open(&self.file_path) {
+            let (ub, fp) = (self.userblock, &file);
+            let rd = direct::read(&self.data, fp, ub, x);
+            let ri = direct::read(ind, fp, ub, i);
+            let rp = direct::read(ptr, fp, ub, p);
+            if let (Some(rd), Some(ri), Some(rp)) = (rd, ri, rp) {
+                rd?;
+                ri?;
+                rp?;
+                return check_compressed(&self.name, major, minor, self.nnz, p, i, x);
+            }
+        }
         if self.nnz > 0 {
             if matches!(
                 descriptor(&self.data)?,
@@ -377,6 +429,11 @@ impl MatrixInfo {
         }
         if self.nnz == 0 {
             return Ok(());
+        }
+        if let Ok(file) = std::fs::File::open(&self.file_path) {
+            if let Some(r) = direct::read(&self.data, &file, self.userblock, x) {
+                return r;
+            }
         }
         self.data
             .as_reader()
@@ -526,8 +583,42 @@ fn is_string_type(td: &TypeDescriptor) -> bool {
     )
 }
 
+/// `read_raw` after [`check_alloc`] (a corrupt extent is an error, not a huge allocation).
+fn safe_raw<T: hdf5::H5Type>(c: &Container) -> hdf5::Result<Vec<T>> {
+    check_alloc(c).map_err(|e| hdf5::Error::from(e.to_string()))?;
+    c.read_raw::<T>()
+}
+
+/// Read a dataset or attribute as strings or values, whichever its type is (for the
+/// metadata walk of [`super::isolate`]).
+pub(crate) fn read_any(c: &Container) -> ScResult<()> {
+    if is_string_type(&descriptor(c)?) {
+        read_strings(c).map(|_| ())
+    } else {
+        read_values(c, "").map(|_| ())
+    }
+}
+
+/// A corrupt extent must not become a huge allocation (an abort): the values of a
+/// dataset or attribute (8 bytes each once read) need at least 1/1100 of that in file
+/// bytes (gzip's best ratio is about 1032:1).
+fn check_alloc(c: &Container) -> ScResult<()> {
+    let file_len = std::fs::metadata(c.filename())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    if (c.size() as u128) * 8 > (file_len as u128 + 4096) * 1100 {
+        return Err(ScError::Format(format!(
+            "an element claims {} values, more than a {file_len}-byte file can hold: the \
+             file is corrupt",
+            c.size()
+        )));
+    }
+    Ok(())
+}
+
 /// Read a dataset or attribute of strings (variable or fixed length).
 fn read_strings(c: &Container) -> ScResult<Vec<Option<String>>> {
+    check_alloc(c)?;
     let td = descriptor(c)?;
     let e = |e: hdf5::Error| ferr("cannot read strings", e);
     Ok(match td {
@@ -596,6 +687,7 @@ fn read_native_bytes(c: &Container, nbytes: usize) -> ScResult<Vec<u8>> {
 
 /// Read a numeric / boolean / string dataset into [`Values`].
 fn read_values(c: &Container, path: &str) -> ScResult<Values> {
+    check_alloc(c)?;
     let td = descriptor(c)?;
     let e = |e: hdf5::Error| ferr(&format!("cannot read '{path}'"), e);
     Ok(match td {
@@ -655,7 +747,7 @@ fn read_elem(
                         read_values(&d, path)?
                     };
                     let mask = match g.dataset("mask") {
-                        Ok(m) => m.read_raw::<bool>().map_err(ctx)?,
+                        Ok(m) => safe_raw::<bool>(&m).map_err(ctx)?,
                         Err(_) => vec![false; values.len()],
                     };
                     if mask.len() != values.len() {
@@ -725,7 +817,7 @@ fn read_sparse_group(g: &Group, path: &str) -> ScResult<Sparse> {
     let read_i32 = |n: &str| -> ScResult<Vec<i32>> {
         let v: Vec<i64> = g
             .dataset(n)
-            .and_then(|d| d.read_raw::<i64>())
+            .and_then(|d| safe_raw::<i64>(&d))
             .map_err(ctx)?;
         v.into_iter()
             .map(|a| {
@@ -764,7 +856,7 @@ fn read_categorical(g: &Group, path: &str) -> ScResult<Elem> {
     let ctx = |e: hdf5::Error| ferr(&format!("cannot read categorical '{path}'"), e);
     let codes_v: Vec<i64> = g
         .dataset("codes")
-        .and_then(|d| d.read_raw::<i64>())
+        .and_then(|d| safe_raw::<i64>(&d))
         .map_err(ctx)?;
     let categories = {
         let d = g.dataset("categories").map_err(ctx)?;
@@ -772,11 +864,11 @@ fn read_categorical(g: &Group, path: &str) -> ScResult<Elem> {
     };
     let ordered = if has_attr(g, "ordered") {
         g.attr("ordered")
-            .and_then(|a| a.read_raw::<bool>())
+            .and_then(|a| safe_raw::<bool>(&a))
             .map(|v| v.first().copied().unwrap_or(false))
             .or_else(|_| {
                 g.attr("ordered")
-                    .and_then(|a| a.read_raw::<i8>())
+                    .and_then(|a| safe_raw::<i8>(&a))
                     .map(|v| v.first().copied().unwrap_or(0) != 0)
             })
             .map_err(ctx)?
@@ -845,10 +937,11 @@ fn read_frame(g: &Group, path: &str, skipped: &std::cell::RefCell<Vec<String>>) 
                 .and_then(|c| c.dataset(&col))
                 .map_err(|e| ferr(&format!("{ctx}: categories of '{col}'"), e))?;
             let categories = read_values(&cats, &sub)?;
+            check_alloc(&d)?;
             let codes: Vec<i64> = d.read_raw::<i64>().map_err(|e| ferr(&sub, e))?;
             let ordered = if has_attr(&d, "ordered") {
                 d.attr("ordered")
-                    .and_then(|a| a.read_raw::<bool>())
+                    .and_then(|a| safe_raw::<bool>(&a))
                     .map(|v| v.first().copied().unwrap_or(false))
                     .unwrap_or(false)
             } else {

@@ -1,0 +1,191 @@
+//! libhdf5 1.10 trusts a file's metadata: a corrupted object header can crash it
+//! (e.g. a segmentation fault in `H5A__copy` while listing attributes) or make it loop
+//! forever, and no error return is possible then. So before a file is read in this
+//! process, a forked child process walks all of its metadata the way a read does: every
+//! group, every attribute (names and values), every dataset's type, shape, creation
+//! properties and chunk index, the string and small datasets and the AnnData elements
+//! other than the matrices' values (which the parent reads through bounds-checked
+//! paths). If the child dies from a signal, or runs past [`TIMEOUT`], the file is a
+//! format error in the parent, which never touched the bad metadata. The verdict is
+//! cached per (path, size, modification time): one walk per file version.
+//!
+//! The child restores the default action of the crash signals (the host's handlers, e.g.
+//! R's, must not run there), runs only HDF5 calls on the forking thread (no rayon, no R)
+//! and leaves with `_exit`; errors inside it are fine (the parent reports them properly on its own read).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use hdf5::{Group, LocationType};
+use hdf5_metno as hdf5;
+
+use super::read::H5ad;
+use crate::{ScError, ScResult};
+
+/// How long the child may walk a file.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+type Key = (String, u64, Option<SystemTime>);
+static VERDICTS: Mutex<Option<HashMap<Key, Result<(), String>>>> = Mutex::new(None);
+
+/// Ok when a child process walked the file's metadata without crashing or hanging.
+pub(crate) fn check(path: &str) -> ScResult<()> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ScError::Format(format!("cannot open '{path}': {e}")))?;
+    let key: Key = (path.to_string(), meta.len(), meta.modified().ok());
+    if let Some(v) = VERDICTS
+        .lock()
+        .ok()
+        .and_then(|m| m.as_ref().and_then(|m| m.get(&key).cloned()))
+    {
+        return v.map_err(ScError::Format);
+    }
+    let verdict = in_child(path);
+    if let Ok(mut m) = VERDICTS.lock() {
+        let m = m.get_or_insert_with(HashMap::new);
+        if m.len() > 256 {
+            m.clear();
+        }
+        m.insert(key, verdict.clone());
+    }
+    verdict.map_err(ScError::Format)
+}
+
+fn in_child(path: &str) -> Result<(), String> {
+    // Fork while holding the HDF5 lock (every HDF5 call of this crate and of hdf5-metno
+    // takes it), so no other thread is inside libhdf5 or holds the lock at the fork; the
+    // child's only thread owns it (reentrant) and never returns from the closure.
+    let pid = hdf5::sync::sync(|| {
+        // SAFETY: fork duplicates only this thread; the child runs HDF5 calls on it and
+        // ends with _exit, never returning into the caller's frames.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // the host's crash handlers must not run in the child (R's would clean up the
+            // parent's session temporary directory): a crash just ends the child
+            for sig in [
+                libc::SIGSEGV,
+                libc::SIGBUS,
+                libc::SIGILL,
+                libc::SIGFPE,
+                libc::SIGABRT,
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGPIPE,
+            ] {
+                // SAFETY: restores the default action in this single-threaded child.
+                unsafe { libc::signal(sig, libc::SIG_DFL) };
+            }
+            let _ = std::panic::catch_unwind(|| walk(path));
+            // SAFETY: ends the child at once, without the parent's exit handlers.
+            unsafe { libc::_exit(0) };
+        }
+        pid
+    });
+    if pid < 0 {
+        return Ok(()); // cannot fork: read as before
+    }
+    let start = Instant::now();
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: waits for our own child; status is a plain integer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        if r < 0 {
+            return Ok(()); // the child was reaped elsewhere (e.g. a SIGCHLD handler)
+        }
+        if start.elapsed() > TIMEOUT {
+            // SAFETY: kills and reaps our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return Err(format!(
+                "'{path}' is corrupt: reading its metadata did not finish in {} s",
+                TIMEOUT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(if start.elapsed().as_millis() < 50 {
+            1
+        } else {
+            10
+        }));
+    }
+    if libc::WIFSIGNALED(status) {
+        return Err(format!(
+            "'{path}' is corrupt: its HDF5 metadata crashes the HDF5 library (signal {})",
+            libc::WTERMSIG(status)
+        ));
+    }
+    Ok(())
+}
+
+/// Everything a read touches, except the values of the matrices.
+fn walk(path: &str) {
+    hdf5::silence_errors(true);
+    if let Ok(f) = hdf5::File::open(path) {
+        if let Ok(g) = f.group("/") {
+            walk_group(&g, 0);
+        }
+    }
+    if let Ok(f) = H5ad::open_unchecked(path) {
+        for m in ["X", "raw/X"] {
+            let _ = f.matrix(m);
+        }
+        for grp in ["layers", "obsp", "varp"] {
+            for k in f.keys(grp).unwrap_or_default() {
+                let _ = f.matrix(&format!("{grp}/{k}"));
+            }
+        }
+        for fr in ["obs", "var", "raw/var"] {
+            if f.exists(fr) {
+                let _ = f.frame(fr);
+            }
+        }
+        for el in ["obsm", "varm", "uns", "raw/varm"] {
+            if f.exists(el) {
+                let _ = f.read(el);
+            }
+        }
+    }
+}
+
+fn attrs(loc: &hdf5::Location) {
+    for n in loc.attr_names().unwrap_or_default() {
+        if let Ok(a) = loc.attr(&n) {
+            let _ = a.dtype().and_then(|t| t.to_descriptor());
+            let _ = super::read::read_any(&a);
+        }
+    }
+}
+
+fn walk_group(g: &Group, depth: usize) {
+    if depth > 32 {
+        return;
+    }
+    attrs(g);
+    for name in g.member_names().unwrap_or_default() {
+        match g.loc_type_by_name(&name) {
+            Ok(LocationType::Group) => {
+                if let Ok(s) = g.group(&name) {
+                    walk_group(&s, depth + 1);
+                }
+            }
+            Ok(LocationType::Dataset) => {
+                if let Ok(d) = g.dataset(&name) {
+                    attrs(&d);
+                    let _ = d.shape();
+                    let _ = d.filters();
+                    let _ = d.chunk();
+                    if d.size() <= 1 << 16 {
+                        let _ = super::read::read_any(&d);
+                    }
+                    super::direct::walk_chunks(&d);
+                }
+            }
+            _ => {}
+        }
+    }
+}
