@@ -522,10 +522,11 @@ pub fn simulate_sparse_plan(p: &SimParams, genes_per_cell: f64) -> ScResult<Spar
     for &(_, _, c) in &per_cell {
         acc += c as u64;
         if acc > i32::MAX as u64 {
-            return Err(bad(format!(
+            return Err(bad(
                 "more than 2^31 - 1 non-zeros (a dgCMatrix's limit); simulate fewer cells or \
                  a smaller genes_per_cell"
-            )));
+                    .into(),
+            ));
         }
         pp.push(acc as i32);
     }
@@ -653,7 +654,7 @@ mod tests {
         .unwrap();
         assert_eq!(plan.cell_type, dense.cell_type);
         let k = plan.genes.iter().position(|g| g == "EPCAM").unwrap() as i32;
-        let mut per_type = vec![(0.0f64, 0usize); 8];
+        let mut per_type = [(0.0f64, 0usize); 8];
         for j in 0..a.ncol {
             let (s, e) = (a.p[j] as usize, a.p[j + 1] as usize);
             let tot: f64 = a.x[s..e].iter().sum();

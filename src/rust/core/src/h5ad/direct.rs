@@ -96,11 +96,7 @@ fn pieces(ds: &Dataset, n: usize, esize: usize, file_len: u64) -> Option<Vec<Pie
             if rc < 0 || addr == HADDR_UNDEF || size as usize != c * esize || !fits(addr, len) {
                 return None;
             }
-            v.push(Piece {
-                start,
-                len,
-                addr: addr as u64,
-            });
+            v.push(Piece { start, len, addr });
         }
         v
     } else {
