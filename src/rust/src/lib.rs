@@ -15,6 +15,7 @@ mod celltypist;
 mod convert;
 mod h5ad;
 mod knn;
+mod scvi;
 mod wilcoxon;
 use convert::{guard, threads};
 
@@ -186,6 +187,7 @@ extendr_module! {
     use celltypist;
     use knn;
     use h5ad;
+    use scvi;
     fn rs_data_address;
     fn rs_dotplot;
     fn rs_log_normalize;
