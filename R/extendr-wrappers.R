@@ -78,3 +78,19 @@ rs_h5ad_read_matrix <- function(path, elem) .Call(wrap__rs_h5ad_read_matrix, pat
 #' @noRd
 rs_h5ad_write <- function(path, items) .Call(wrap__rs_h5ad_write, path, items)
 
+#' Read a saved scvi-tools model (folder or model.pt) and build its encoder; returns the
+#' external pointer and the model description as plain vectors.
+#' @noRd
+rs_scvi_load <- function(path) .Call(wrap__rs_scvi_load, path)
+
+#' Whether `ptr` is a live model handle (FALSE after saveRDS/readRDS or for other objects).
+#' @noRd
+rs_scvi_loaded <- function(ptr) .Call(wrap__rs_scvi_loaded, ptr)
+
+#' Encoder latent mean and variance (cells x latent, column-major) of raw counts aligned to
+#' the model's genes. `batch` holds 0-based codes (may be empty when the encoder ignores
+#' batch); `cats` a list of 0-based code vectors, `conts` a list of double vectors, in the
+#' model's covariate order.
+#' @noRd
+rs_scvi_latent <- function(ptr, p, i, x, nrow, ncol, dense, batch, cats, conts, batch_size, n_threads) .Call(wrap__rs_scvi_latent, ptr, p, i, x, nrow, ncol, dense, batch, cats, conts, batch_size, n_threads)
+
