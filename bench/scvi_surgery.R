@@ -4,7 +4,7 @@
 # Data: the seed-scale simulation (28,911 cells x 15,674 genes, 2 batches), the 4,000 genes with
 # the largest total counts. Query = the first 11,600 cells of batch2 (new batch level "query"),
 # reference = the other 17,311 cells (batch1, batch2). The peer trains the reference (scArches
-# settings: 2 layers, layer norm, no batch norm, encode_covariates, dropout 0.2; 20 epochs,
+# settings: 2 layers, layer norm, no batch norm, encode_covariates, dropout 0.2; 10 epochs,
 # cached in the data folder) and both then train the query from it with freeze_dropout = TRUE.
 # Per-epoch time includes the validation pass. Also compares the final validation ELBO and the
 # kNN (k = 15, leave-one-out within the query) cell-type accuracy of the two latents.
@@ -37,7 +37,7 @@ if (!file.exists(file.path(dir, "set.txt"))) {
 
 t_peer <- NA_real_
 if (file.exists(py)) {
-  t_peer <- run_peer(py, c("bench/peers/scvi_surgery.py", dir, bench_threads, 20, epochs),
+  t_peer <- run_peer(py, c("bench/peers/scvi_surgery.py", dir, bench_threads, 10, epochs),
                      env = "PYTHONWARNINGS=ignore")
 } else {
   cat("scvi-tools python not found: ", py, "\n")
