@@ -69,7 +69,11 @@ fn rs_scvi_map_query(
         if n_new < 0 {
             return Err(ScError::Input("n_new must be >= 0".into()));
         }
-        let seed = if seed.is_finite() && seed >= 0.0 { seed as u64 } else { 0 };
+        let seed = if seed.is_finite() && seed >= 0.0 {
+            seed as u64
+        } else {
+            0
+        };
         let mut s = SurgeryModel::from_model(&m, n_new as usize, seed)?;
         let counts = expr_matrix(p, i, x, nrow, ncol, dense)?;
         if batch.iter().any(|&b| b < 0) {
@@ -83,7 +87,9 @@ fn rs_scvi_map_query(
             std::thread::available_parallelism().map_or(1, |n| n.get())
         };
         if batch_size < 1 {
-            return Err(ScError::Input("batch_size must be a positive integer".into()));
+            return Err(ScError::Input(
+                "batch_size must be a positive integer".into(),
+            ));
         }
         if !(train_size > 0.0 && train_size <= 1.0) {
             return Err(ScError::Input("train_size must be in (0, 1]".into()));

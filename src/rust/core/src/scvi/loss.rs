@@ -324,7 +324,15 @@ mod tests {
             );
             x *= 1.0371;
         }
-        for x in [0.5f32, 0.7071067, 0.7071068, 1.0, 1.0000001, 2.0, 3.0] {
+        let r = std::f32::consts::FRAC_1_SQRT_2;
+        // around the mantissa split at 1/sqrt(2)
+        let (rb, one) = (r.to_bits(), 1.0f32.to_bits());
+        let below_above = [
+            f32::from_bits(rb - 1),
+            f32::from_bits(rb + 1),
+            f32::from_bits(one + 1),
+        ];
+        for x in [0.5f32, r, 1.0, 2.0, 3.0].into_iter().chain(below_above) {
             assert!(
                 (fast_ln(x) as f64 - (x as f64).ln()).abs() < 2e-7,
                 "ln({x})"
