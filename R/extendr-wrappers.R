@@ -78,3 +78,26 @@ rs_h5ad_read_matrix <- function(path, elem) .Call(wrap__rs_h5ad_read_matrix, pat
 #' @noRd
 rs_h5ad_write <- function(path, items) .Call(wrap__rs_h5ad_write, path, items)
 
+#' Read a saved scvi-tools model (folder or model.pt) and build its encoder; returns the
+#' external pointer and the model description as plain vectors.
+#' @noRd
+rs_scvi_load <- function(path) .Call(wrap__rs_scvi_load, path)
+
+#' Whether `ptr` is a live model handle (FALSE after saveRDS/readRDS or for other objects).
+#' @noRd
+rs_scvi_loaded <- function(ptr) .Call(wrap__rs_scvi_loaded, ptr)
+
+#' Encoder latent mean and variance (cells x latent, column-major) of raw counts aligned to
+#' the model's genes. `batch` holds 0-based codes (may be empty when the encoder ignores
+#' batch); `cats` a list of 0-based code vectors, `conts` a list of double vectors, in the
+#' model's covariate order.
+#' @noRd
+rs_scvi_latent <- function(ptr, p, i, x, nrow, ncol, dense, batch, cats, conts, batch_size, n_threads) .Call(wrap__rs_scvi_latent, ptr, p, i, x, nrow, ncol, dense, batch, cats, conts, batch_size, n_threads)
+
+#' scArches query training of an SCVI model and the query latent.
+#' `batch`: 0-based codes in the query model's batch order (reference levels, then the
+#' `n_new` new levels). `max_epochs` < 1: scvi's heuristic. `progress`: NULL or an R
+#' function(epoch, elbo_train, elbo_validation) called after every epoch.
+#' @noRd
+rs_scvi_map_query <- function(model_path, p, i, x, nrow, ncol, dense, batch, n_new, max_epochs, batch_size, train_size, lr, weight_decay, n_epochs_kl_warmup, early_stopping, early_stopping_patience, freeze_dropout, seed, n_threads, progress) .Call(wrap__rs_scvi_map_query, model_path, p, i, x, nrow, ncol, dense, batch, n_new, max_epochs, batch_size, train_size, lr, weight_decay, n_epochs_kl_warmup, early_stopping, early_stopping_patience, freeze_dropout, seed, n_threads, progress)
+

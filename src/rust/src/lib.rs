@@ -16,6 +16,8 @@ mod celltypist;
 mod convert;
 mod h5ad;
 mod knn;
+mod scvi;
+mod scvi_train;
 mod wilcoxon;
 use convert::{guard, threads};
 
@@ -215,6 +217,8 @@ extendr_module! {
     use celltypist;
     use knn;
     use h5ad;
+    use scvi;
+    use scvi_train;
     fn rs_data_address;
     fn rs_dotplot;
     fn rs_log_normalize;

@@ -1,15 +1,24 @@
 //! scvi-tools models without Python: read a saved `model.pt` ([`model_file`]) and run the
 //! encoder in eval mode ([`vae`]) to get the same latent representation as
-//! `model.get_latent_representation()`.
+//! `model.get_latent_representation()`; scArches query training ([`train`], with the fused
+//! likelihood in [`loss`]).
 
+pub mod loss;
 pub mod model_file;
+pub mod train;
 pub mod vae;
 
 pub use model_file::{
     find_model_file, parse_scvi_model, read_scvi_model, InitParams, ScviModelFile, SetupArgs,
     Tensor, TensorData,
 };
+pub use train::{
+    kl_weight, max_epochs_heuristic, split_cells, EpochStats, QueryData, SurgeryModel,
+    TrainOptions, TrainResult,
+};
 pub use vae::{Covariates, LatentOutput, ScviEncoder};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod train_tests;

@@ -306,6 +306,18 @@ impl ScviEncoder {
     /// Latent mean and variance of each cell. `counts` are raw counts, genes (rows, in the
     /// model's gene order) x cells.
     pub fn latent(&self, counts: &ExprMatrix, cov: &Covariates) -> ScResult<LatentOutput> {
+        self.latent_blocked(counts, cov, 64)
+    }
+
+    /// [`Self::latent`] with `block` cells per parallel work unit (scvi-tools' `batch_size`;
+    /// the result does not depend on it).
+    pub fn latent_blocked(
+        &self,
+        counts: &ExprMatrix,
+        cov: &Covariates,
+        block: usize,
+    ) -> ScResult<LatentOutput> {
+        let block = block.max(1);
         let n_cells = counts.ncol();
         if counts.nrow() != self.n_genes {
             return Err(ScError::Dims(format!(
@@ -382,9 +394,8 @@ impl ScviEncoder {
         let nl = self.n_latent();
         // per cell: latent mean then var
         let mut per_cell = vec![0.0f64; n_cells * 2 * nl];
-        const BLOCK: usize = 64;
         per_cell
-            .par_chunks_mut(BLOCK * 2 * nl)
+            .par_chunks_mut(block * 2 * nl)
             .enumerate()
             .for_each(|(blk, out)| {
                 let max_h = self
@@ -396,7 +407,7 @@ impl ScviEncoder {
                 let mut h = vec![0.0; max_h];
                 let mut h2 = vec![0.0; max_h];
                 for (k, o) in out.chunks_mut(2 * nl).enumerate() {
-                    let j = blk * BLOCK + k;
+                    let j = blk * block + k;
                     self.cell(counts, j, cov, &codes, &mut h, &mut h2, o);
                 }
             });

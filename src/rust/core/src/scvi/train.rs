@@ -1,0 +1,1189 @@
+//! scArches surgery for SCVI models: query training as scvi-tools'
+//! `SCVI.load_query_data(query, reference, freeze_dropout = ...)` followed by `model.train()`.
+//!
+//! What trains (`_set_params_online_update` with its defaults): every FCLayers Linear has a
+//! gradient hook that keeps only the gradient of its categorical one-hot columns (all of them,
+//! reference batches included) and zeroes the bias gradient; every other tensor (mean / var
+//! encoders, `px_scale` / `px_dropout` heads, `px_r`) is frozen. `l_encoder` is trainable but
+//! unused with the observed library size, so it gets no gradient. Hence the only parameters
+//! this module updates are the covariate columns of the encoder and decoder FC layers, and the
+//! backward pass needs no weight gradient of any frozen matrix: the decoder heads are one GEMM
+//! forward and one GEMM back per minibatch, fused with the ZINB / NB loss ([`super::loss`]).
+//!
+//! Loss per minibatch: `mean_cells[-log p(x | z, l) + kl_weight KL(q(z|x) || N(0, I))]`,
+//! `z = qz_m + sqrt(qz_v) eps`, `kl_weight = epoch / 400` during warm-up. Optimiser: torch Adam
+//! (lr 1e-3, eps 0.01, L2 weight decay 1e-6 added to the gradient). Split: `ceil(0.9 n)` train
+//! cells (moving 1 or 2 cells of a last minibatch to validation), shuffled minibatches of 128.
+//! Logged `elbo_*` = mean over the set's cells of reconstruction loss + unweighted KL.
+//! Early stopping: `elbo_validation`, mode min, min_delta 0, patience 45.
+//!
+//! Scope: one-hot batch, no batch norm (the scArches settings use layer norm), gene
+//! dispersion, ZINB or NB likelihood, observed library size, normal latent, no extra
+//! covariates. Noise comes from a seeded ChaCha RNG, not torch's, so runs agree with
+//! scvi-tools in distribution (ELBO, latent geometry), not bit for bit.
+
+use super::loss::{cell_loss_grad, lgamma_const, CellCounts, Dispersion};
+use super::model_file::{ScviModelFile, Tensor};
+use super::vae::LatentOutput;
+use crate::error::{ScError, ScResult};
+use crate::matrix::ExprMatrix;
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+
+const LN_EPS: f32 = 1e-5;
+const VAR_EPS: f32 = 1e-4;
+/// rows of a minibatch per parallel task in the decoder heads
+const HEAD_ROWS: usize = 32;
+
+/// A Linear layer: feature weights (frozen) and one-hot covariate columns (trained).
+#[derive(Debug, Clone)]
+struct Layer {
+    n_in: usize,
+    n_out: usize,
+    /// `n_out x n_in`, torch layout (feature columns only)
+    w: Vec<f32>,
+    /// the transpose, `n_in x n_out`, kept for the sparse first encoder layer
+    wt: Vec<f32>,
+    b: Vec<f32>,
+    /// `n_cov x n_out`: the covariate columns, one row per one-hot column (empty if none)
+    wc: Vec<f32>,
+}
+
+fn tensor_f32(m: &ScviModelFile, key: &str) -> ScResult<(Vec<usize>, Vec<f32>)> {
+    let t: &Tensor = m.tensor(key).ok_or_else(|| {
+        ScError::Format(format!(
+            "the state dict has no '{key}'; the model is not a scvi-tools VAE this reader knows"
+        ))
+    })?;
+    let v = t
+        .to_f32()
+        .ok_or_else(|| ScError::Format(format!("{key} is not a floating-point tensor")))?;
+    Ok((t.shape.clone(), v))
+}
+
+impl Layer {
+    /// Read `<base>.weight` / `<base>.bias` with `n_in` feature columns, then `n_cov_old`
+    /// covariate columns, and append `n_new` freshly initialised covariate columns
+    /// (torch's default Linear init `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` of the enlarged layer).
+    fn read(
+        m: &ScviModelFile,
+        base: &str,
+        n_in: usize,
+        n_cov_old: usize,
+        n_new: usize,
+        rng: &mut ChaCha8Rng,
+        keep_transpose: bool,
+    ) -> ScResult<Self> {
+        let (ws, w) = tensor_f32(m, &format!("{base}.weight"))?;
+        let (bs, b) = tensor_f32(m, &format!("{base}.bias"))?;
+        let n_out = ws.first().copied().unwrap_or(0);
+        if ws.len() != 2 || ws[1] != n_in + n_cov_old || bs != [n_out] {
+            return Err(ScError::Dims(format!(
+                "{base}.weight has shape {ws:?} (bias {bs:?}); expected [{n_out}, {}] from the \
+                 model description",
+                n_in + n_cov_old
+            )));
+        }
+        let n_all = n_in + n_cov_old;
+        let mut wf = vec![0.0f32; n_out * n_in];
+        let n_cov = n_cov_old + n_new;
+        let mut wc = vec![0.0f32; n_cov * n_out];
+        let bound = 1.0 / ((n_in + n_cov) as f32).sqrt();
+        for o in 0..n_out {
+            wf[o * n_in..(o + 1) * n_in].copy_from_slice(&w[o * n_all..o * n_all + n_in]);
+            for c in 0..n_cov_old {
+                wc[c * n_out + o] = w[o * n_all + n_in + c];
+            }
+        }
+        for c in n_cov_old..n_cov {
+            for o in 0..n_out {
+                wc[c * n_out + o] = rng.random_range(-bound..bound);
+            }
+        }
+        let wt = if keep_transpose {
+            let mut t = vec![0.0f32; n_in * n_out];
+            for o in 0..n_out {
+                for i in 0..n_in {
+                    t[i * n_out + o] = wf[o * n_in + i];
+                }
+            }
+            t
+        } else {
+            Vec::new()
+        };
+        Ok(Layer {
+            n_in,
+            n_out,
+            w: wf,
+            wt,
+            b,
+            wc,
+        })
+    }
+
+    fn n_cov(&self) -> usize {
+        self.wc.len() / self.n_out.max(1)
+    }
+
+    /// `out (rows x n_out) = x (rows x n_in) W^T + b + covariate columns`.
+    fn forward(&self, x: &[f32], codes: &[u32], out: &mut [f32]) {
+        let rows = codes.len();
+        for (r, o) in out.chunks_mut(self.n_out).enumerate().take(rows) {
+            o.copy_from_slice(&self.b);
+            if !self.wc.is_empty() {
+                let c = codes[r] as usize;
+                for (v, w) in o
+                    .iter_mut()
+                    .zip(&self.wc[c * self.n_out..(c + 1) * self.n_out])
+                {
+                    *v += w;
+                }
+            }
+        }
+        gemm_xwt(rows, self.n_in, self.n_out, x, &self.w, out, 1.0);
+    }
+
+    /// `dx (rows x n_in) = dy (rows x n_out) W`.
+    fn backward_input(&self, dy: &[f32], rows: usize, dx: &mut [f32], beta: f32) {
+        gemm_xw(rows, self.n_out, self.n_in, dy, &self.w, dx, beta);
+    }
+}
+
+/// `c (m x n) = a (m x k) * W^T + beta c` with W stored `n x k` (torch layout); rows of `a`
+/// split over the rayon pool.
+fn gemm_xwt(m: usize, k: usize, n: usize, a: &[f32], w: &[f32], c: &mut [f32], beta: f32) {
+    let chunk = m.div_ceil(rayon::current_num_threads().max(1)).max(8);
+    c[..m * n]
+        .par_chunks_mut(chunk * n)
+        .zip(a[..m * k].par_chunks(chunk * k))
+        .for_each(|(cc, aa)| {
+            let rows = cc.len() / n;
+            // SAFETY: the slices hold rows x k, k x n (strided view of w) and rows x n values.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    k,
+                    n,
+                    1.0,
+                    aa.as_ptr(),
+                    k as isize,
+                    1,
+                    w.as_ptr(),
+                    1,
+                    k as isize,
+                    beta,
+                    cc.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+        });
+}
+
+/// `c (m x n) = a (m x k) * W + beta c` with W stored `k x n` (torch layout of a layer with
+/// k outputs and n inputs).
+fn gemm_xw(m: usize, k: usize, n: usize, a: &[f32], w: &[f32], c: &mut [f32], beta: f32) {
+    let chunk = m.div_ceil(rayon::current_num_threads().max(1)).max(8);
+    c[..m * n]
+        .par_chunks_mut(chunk * n)
+        .zip(a[..m * k].par_chunks(chunk * k))
+        .for_each(|(cc, aa)| {
+            let rows = cc.len() / n;
+            // SAFETY: as in gemm_xwt.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    k,
+                    n,
+                    1.0,
+                    aa.as_ptr(),
+                    k as isize,
+                    1,
+                    w.as_ptr(),
+                    n as isize,
+                    1,
+                    beta,
+                    cc.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+        });
+}
+
+/// LayerNorm (optional), ReLU, dropout (optional) in place on `rows x n` pre-activations.
+/// Keeps what the backward pass needs: the normalised values in `y`, `1/sd` per row, and
+/// the dropout mask (scaled, 0 or 1/(1-p)) in `mask`.
+fn activate(pre: &mut [f32], n: usize, ln: bool, y: &mut [f32], inv_sd: &mut [f32], mask: &[f32]) {
+    pre.par_chunks_mut(n)
+        .zip(y.par_chunks_mut(n))
+        .zip(inv_sd.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, ((p, yy), isd))| {
+            if ln {
+                let mu = p.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+                let var = p
+                    .iter()
+                    .map(|&v| (v as f64 - mu) * (v as f64 - mu))
+                    .sum::<f64>()
+                    / n as f64;
+                let inv = (1.0 / (var + LN_EPS as f64).sqrt()) as f32;
+                let mu = mu as f32;
+                for v in p.iter_mut() {
+                    *v = (*v - mu) * inv;
+                }
+                *isd = inv;
+            }
+            yy.copy_from_slice(p);
+            for v in p.iter_mut() {
+                *v = v.max(0.0);
+            }
+            if !mask.is_empty() {
+                for (v, m) in p.iter_mut().zip(&mask[r * n..(r + 1) * n]) {
+                    *v *= m;
+                }
+            }
+        });
+}
+
+/// Back through dropout, ReLU and LayerNorm: `d` holds the gradient w.r.t. the layer output
+/// on entry and w.r.t. the pre-activation on return.
+fn deactivate(d: &mut [f32], n: usize, ln: bool, y: &[f32], inv_sd: &[f32], mask: &[f32]) {
+    d.par_chunks_mut(n)
+        .zip(y.par_chunks(n))
+        .zip(inv_sd.par_iter())
+        .enumerate()
+        .for_each(|(r, ((dd, yy), &isd))| {
+            if !mask.is_empty() {
+                for (v, m) in dd.iter_mut().zip(&mask[r * n..(r + 1) * n]) {
+                    *v *= m;
+                }
+            }
+            for (v, &yv) in dd.iter_mut().zip(yy) {
+                if yv <= 0.0 {
+                    *v = 0.0;
+                }
+            }
+            if ln {
+                let nf = n as f64;
+                let md = dd.iter().map(|&v| v as f64).sum::<f64>() / nf;
+                let mdy = dd
+                    .iter()
+                    .zip(yy)
+                    .map(|(&v, &yv)| v as f64 * yv as f64)
+                    .sum::<f64>()
+                    / nf;
+                let (md, mdy) = (md as f32, mdy as f32);
+                for (v, &yv) in dd.iter_mut().zip(yy) {
+                    *v = isd * (*v - md - yv * mdy);
+                }
+            }
+        });
+}
+
+/// The query data prepared for training: per cell its non-zero counts (with their lgamma
+/// constants under the model's frozen dispersion), library size and batch code.
+pub struct QueryData {
+    n_cells: usize,
+    start: Vec<usize>,
+    genes: Vec<u32>,
+    x: Vec<f32>,
+    /// `log1p(x)` (or x without log_variational): the encoder input
+    xin: Vec<f32>,
+    lgc: Vec<f64>,
+    library: Vec<f32>,
+    batch: Vec<u32>,
+}
+
+impl QueryData {
+    pub fn n_cells(&self) -> usize {
+        self.n_cells
+    }
+
+    fn cell(&self, j: usize) -> CellCounts<'_> {
+        let r = self.start[j]..self.start[j + 1];
+        CellCounts {
+            genes: &self.genes[r.clone()],
+            x: &self.x[r.clone()],
+            lgc: &self.lgc[r],
+            library: self.library[j],
+        }
+    }
+}
+
+/// Options of [`SurgeryModel::train`]; `Default` gives scvi-tools' defaults.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// `None`: scvi's heuristic `min(round(20000 / n * 400), 400)`, at least 1
+    pub max_epochs: Option<usize>,
+    pub batch_size: usize,
+    pub train_size: f64,
+    pub lr: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// `None` or `Some(0)`: no warm-up (kl weight = max)
+    pub n_epochs_kl_warmup: Option<usize>,
+    pub max_kl_weight: f64,
+    pub min_kl_weight: f64,
+    pub early_stopping: bool,
+    pub early_stopping_patience: usize,
+    pub early_stopping_min_delta: f64,
+    /// compute the validation ELBO every epoch (always on with early stopping)
+    pub validate: bool,
+    pub seed: u64,
+    /// `freeze_dropout = TRUE` of load_query_data: no encoder dropout in training
+    pub freeze_dropout: bool,
+    /// an explicit (train, validation) split of the cells instead of the seeded one
+    pub split: Option<(Vec<usize>, Vec<usize>)>,
+    pub n_threads: usize,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            max_epochs: None,
+            batch_size: 128,
+            train_size: 0.9,
+            lr: 1e-3,
+            eps: 0.01,
+            weight_decay: 1e-6,
+            n_epochs_kl_warmup: Some(400),
+            max_kl_weight: 1.0,
+            min_kl_weight: 0.0,
+            early_stopping: false,
+            early_stopping_patience: 45,
+            early_stopping_min_delta: 0.0,
+            validate: true,
+            seed: 0,
+            freeze_dropout: false,
+            split: None,
+            n_threads: 1,
+        }
+    }
+}
+
+/// scvi's `get_max_epochs_heuristic`.
+pub fn max_epochs_heuristic(n_obs: usize) -> usize {
+    let e = ((20_000.0 / n_obs.max(1) as f64) * 400.0).round() as usize;
+    e.clamp(1, 400)
+}
+
+/// scvi's `_compute_kl_weight` by epoch.
+pub fn kl_weight(epoch: usize, opts: &TrainOptions) -> f64 {
+    let slope = opts.max_kl_weight - opts.min_kl_weight;
+    match opts.n_epochs_kl_warmup {
+        Some(n) if n > 0 && epoch < n => slope * (epoch as f64 / n as f64) + opts.min_kl_weight,
+        _ => opts.max_kl_weight,
+    }
+}
+
+/// The (train, validation) split of scvi's DataSplitter with `train_size`, seeded.
+pub fn split_cells(
+    n: usize,
+    train_size: f64,
+    batch_size: usize,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
+    let mut n_train = (train_size * n as f64).ceil() as usize;
+    let mut n_val = n - n_train.min(n);
+    let rem = n_train % batch_size.max(1);
+    if (rem == 1 || rem == 2) && n_train > rem {
+        n_train -= rem;
+        if n_val > 0 {
+            n_val += rem;
+        }
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    idx.shuffle(&mut rng);
+    let val = idx[..n_val].to_vec();
+    let train = idx[n_val..n_val + n_train].to_vec();
+    (train, val)
+}
+
+/// One epoch's record (`elbo_*` are per-cell means; validation values are NaN when not
+/// computed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochStats {
+    pub epoch: usize,
+    pub kl_weight: f64,
+    pub elbo_train: f64,
+    pub reconstruction_loss_train: f64,
+    pub kl_local_train: f64,
+    pub elbo_validation: f64,
+    pub reconstruction_loss_validation: f64,
+    pub kl_local_validation: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainResult {
+    pub history: Vec<EpochStats>,
+    pub stopped_early: bool,
+    pub cancelled: bool,
+    pub train_indices: Vec<usize>,
+    pub validation_indices: Vec<usize>,
+}
+
+/// Per-minibatch sums (over cells) and the gradients of the covariate columns.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub reconstruction_sum: f64,
+    pub kl_sum: f64,
+    /// per-cell reconstruction loss and KL
+    pub reconstruction: Vec<f64>,
+    pub kl: Vec<f64>,
+    /// gradients of `mean(rec + kl_weight KL)` w.r.t. the covariate columns, per encoder
+    /// layer then per decoder layer, each `n_cov x n_out`
+    pub grads: Vec<Vec<f32>>,
+}
+
+/// An SCVI model prepared for scArches query training.
+#[derive(Debug, Clone)]
+pub struct SurgeryModel {
+    n_genes: usize,
+    n_latent: usize,
+    n_batch: usize,
+    log_variational: bool,
+    enc: Vec<Layer>,
+    mean: Layer,
+    var: Layer,
+    dec: Vec<Layer>,
+    /// the px_scale head then (ZINB) the px_dropout head: `n_heads * G x H`
+    heads_w: Vec<f32>,
+    heads_b: Vec<f32>,
+    zinb: bool,
+    disp: Dispersion,
+    ln_enc: bool,
+    ln_dec: bool,
+    dropout: f32,
+}
+
+impl SurgeryModel {
+    /// Build the query model from a saved SCVI model (reference or query), appending
+    /// `n_new_batches` new batch levels whose one-hot columns are initialised as torch does
+    /// (seeded; the values differ from torch's own draw).
+    pub fn from_model(m: &ScviModelFile, n_new_batches: usize, seed: u64) -> ScResult<Self> {
+        let p = &m.init;
+        if let Some(name) = &m.model_name {
+            if name != "SCVI" {
+                return Err(ScError::Input(format!(
+                    "query training supports SCVI models; this model is a {name}"
+                )));
+            }
+        }
+        let unsupported = |what: String| {
+            Err(ScError::Input(format!(
+                "query training supports SCVI models with the scArches settings \
+                 (use_batch_norm = 'none', gene dispersion, one-hot batch, no extra \
+                 covariates); this model has {what}"
+            )))
+        };
+        if p.use_batch_norm != "none" {
+            return unsupported(format!("use_batch_norm = '{}'", p.use_batch_norm));
+        }
+        if p.dispersion != "gene" {
+            return unsupported(format!("dispersion = '{}'", p.dispersion));
+        }
+        if p.gene_likelihood != "zinb" && p.gene_likelihood != "nb" {
+            return unsupported(format!("gene_likelihood = '{}'", p.gene_likelihood));
+        }
+        if !p.use_observed_lib_size {
+            return unsupported("use_observed_lib_size = False".into());
+        }
+        if p.latent_distribution != "normal" {
+            return unsupported(format!("latent_distribution = '{}'", p.latent_distribution));
+        }
+        if p.batch_representation != "one-hot" {
+            return unsupported(format!(
+                "batch_representation = '{}'",
+                p.batch_representation
+            ));
+        }
+        if !m.extra_categorical.is_empty() || !m.extra_continuous.is_empty() {
+            return unsupported("extra categorical or continuous covariates".into());
+        }
+        if m.setup.size_factor_key.is_some() {
+            return unsupported("a size_factor_key".into());
+        }
+        let g = m.var_names.len();
+        let n_batch_old = m.n_batch;
+        let n_batch = n_batch_old + n_new_batches;
+        let old_cov = if n_batch_old > 1 { n_batch_old } else { 0 };
+        let new_cov = if n_batch > 1 { n_batch } else { 0 };
+        let n_new = new_cov - old_cov;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let ln_enc = matches!(p.use_layer_norm.as_str(), "both" | "encoder");
+        let ln_dec = matches!(p.use_layer_norm.as_str(), "both" | "decoder");
+
+        let mut enc = Vec::new();
+        let mut n_prev = g;
+        for i in 0..p.n_layers {
+            let takes = p.encode_covariates && (i == 0 || p.deeply_inject_covariates);
+            let (oc, nn) = if takes { (old_cov, n_new) } else { (0, 0) };
+            let l = Layer::read(
+                m,
+                &format!("z_encoder.encoder.fc_layers.Layer {i}.0"),
+                n_prev,
+                oc,
+                nn,
+                &mut rng,
+                i == 0,
+            )?;
+            n_prev = l.n_out;
+            enc.push(l);
+        }
+        if m.tensor(&format!(
+            "z_encoder.encoder.fc_layers.Layer {}.0.weight",
+            p.n_layers
+        ))
+        .is_some()
+        {
+            return Err(ScError::Format(format!(
+                "the state dict has more encoder layers than n_layers = {}",
+                p.n_layers
+            )));
+        }
+        let mean = Layer::read(m, "z_encoder.mean_encoder", n_prev, 0, 0, &mut rng, false)?;
+        let var = Layer::read(m, "z_encoder.var_encoder", n_prev, 0, 0, &mut rng, false)?;
+        let nl = mean.n_out;
+        let mut dec = Vec::new();
+        let mut n_prev = nl;
+        for i in 0..p.n_layers {
+            let takes = i == 0 || p.deeply_inject_covariates;
+            let (oc, nn) = if takes { (old_cov, n_new) } else { (0, 0) };
+            let l = Layer::read(
+                m,
+                &format!("decoder.px_decoder.fc_layers.Layer {i}.0"),
+                n_prev,
+                oc,
+                nn,
+                &mut rng,
+                false,
+            )?;
+            n_prev = l.n_out;
+            dec.push(l);
+        }
+        let h = n_prev;
+        let zinb = p.gene_likelihood == "zinb";
+        let mut heads_w = Vec::new();
+        let mut heads_b = Vec::new();
+        let mut names = vec!["decoder.px_scale_decoder.0"];
+        if zinb {
+            names.push("decoder.px_dropout_decoder");
+        }
+        for name in names {
+            let l = Layer::read(m, name, h, 0, 0, &mut rng, false)?;
+            if l.n_out != g {
+                return Err(ScError::Dims(format!(
+                    "{name} has {} outputs for {g} genes",
+                    l.n_out
+                )));
+            }
+            heads_w.extend_from_slice(&l.w);
+            heads_b.extend_from_slice(&l.b);
+        }
+        let (rs, px_r) = tensor_f32(m, "px_r")?;
+        if rs != [g] {
+            return Err(ScError::Dims(format!(
+                "px_r has shape {rs:?}, expected [{g}]"
+            )));
+        }
+        Ok(SurgeryModel {
+            n_genes: g,
+            n_latent: nl,
+            n_batch,
+            log_variational: p.log_variational,
+            enc,
+            mean,
+            var,
+            dec,
+            heads_w,
+            heads_b,
+            zinb,
+            disp: Dispersion::new(&px_r),
+            ln_enc,
+            ln_dec,
+            dropout: p.dropout_rate as f32,
+        })
+    }
+
+    pub fn n_genes(&self) -> usize {
+        self.n_genes
+    }
+    pub fn n_latent(&self) -> usize {
+        self.n_latent
+    }
+    pub fn n_batch(&self) -> usize {
+        self.n_batch
+    }
+
+    /// The trainable covariate columns, per encoder layer then decoder layer (`n_cov x n_out`).
+    pub fn covariate_weights(&self) -> Vec<&[f32]> {
+        self.enc
+            .iter()
+            .chain(&self.dec)
+            .map(|l| &l.wc[..])
+            .collect()
+    }
+
+    /// Mutable access to the covariate columns (same order as [`Self::covariate_weights`]).
+    pub fn covariate_weights_mut(&mut self) -> Vec<&mut [f32]> {
+        self.enc
+            .iter_mut()
+            .chain(self.dec.iter_mut())
+            .map(|l| &mut l.wc[..])
+            .collect()
+    }
+
+    fn params_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        self.enc
+            .iter_mut()
+            .chain(self.dec.iter_mut())
+            .map(|l| &mut l.wc)
+            .collect()
+    }
+
+    /// Check and index the query counts (genes x cells, the model's gene order) and batch
+    /// codes (0-based, < n_batch).
+    pub fn prepare(&self, counts: &ExprMatrix, batch: &[u32]) -> ScResult<QueryData> {
+        let n = counts.ncol();
+        if counts.nrow() != self.n_genes {
+            return Err(ScError::Dims(format!(
+                "the counts have {} genes but the model has {}; align the genes to the model \
+                 first (same genes, same order)",
+                counts.nrow(),
+                self.n_genes
+            )));
+        }
+        if batch.len() != n {
+            return Err(ScError::Dims(format!(
+                "{} batch codes for {n} cells",
+                batch.len()
+            )));
+        }
+        if let Some(b) = batch.iter().find(|&&b| b as usize >= self.n_batch) {
+            return Err(ScError::Input(format!(
+                "batch code {b} is outside the query model's {} batches",
+                self.n_batch
+            )));
+        }
+        let mut start = vec![0usize];
+        let (mut genes, mut x, mut xin, mut lgc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut library = Vec::with_capacity(n);
+        for j in 0..n {
+            let mut lib = 0.0f64;
+            let mut push = |g: usize, v: f64| -> ScResult<()> {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(ScError::Value(format!(
+                        "counts must be finite and non-negative, found {v}; scVI takes raw \
+                         counts"
+                    )));
+                }
+                if v > 0.0 {
+                    genes.push(g as u32);
+                    x.push(v as f32);
+                    xin.push(if self.log_variational { v.ln_1p() } else { v } as f32);
+                    lgc.push(lgamma_const(v, self.disp.theta[g] as f64));
+                    lib += v;
+                }
+                Ok(())
+            };
+            match counts {
+                ExprMatrix::Csc(m) => {
+                    let (rows, vals) = m.col(j);
+                    for (&g, &v) in rows.iter().zip(vals) {
+                        push(g as usize, v)?;
+                    }
+                }
+                ExprMatrix::Dense(m) => {
+                    for (g, &v) in m.col(j).iter().enumerate() {
+                        push(g, v)?;
+                    }
+                }
+            }
+            if lib <= 0.0 {
+                return Err(ScError::Value(format!(
+                    "cell {} has no counts; scVI needs a positive library size (filter empty \
+                     cells first)",
+                    j + 1
+                )));
+            }
+            library.push(lib as f32);
+            start.push(genes.len());
+        }
+        Ok(QueryData {
+            n_cells: n,
+            start,
+            genes,
+            x,
+            xin,
+            lgc,
+            library,
+            batch: batch.to_vec(),
+        })
+    }
+
+    /// Encoder forward for `cells`: per-layer (pre-activation normalised `y`, 1/sd, mask) and
+    /// the final hidden layer, then mean and variance.
+    fn encode(&self, data: &QueryData, cells: &[usize], masks: &[Vec<f32>], st: &mut State) {
+        let bsz = cells.len();
+        let codes: Vec<u32> = cells.iter().map(|&j| data.batch[j]).collect();
+        st.codes = codes;
+        for (li, l) in self.enc.iter().enumerate() {
+            let n = l.n_out;
+            let mut pre = vec![0.0f32; bsz * n];
+            if li == 0 {
+                pre.par_chunks_mut(n)
+                    .zip(cells.par_iter())
+                    .for_each(|(o, &j)| {
+                        o.copy_from_slice(&l.b);
+                        let r = data.start[j]..data.start[j + 1];
+                        for (&g, &v) in data.genes[r.clone()].iter().zip(&data.xin[r]) {
+                            let row = &l.wt[g as usize * n..(g as usize + 1) * n];
+                            for (a, w) in o.iter_mut().zip(row) {
+                                *a += v * w;
+                            }
+                        }
+                        if !l.wc.is_empty() {
+                            let c = data.batch[j] as usize;
+                            for (a, w) in o.iter_mut().zip(&l.wc[c * n..(c + 1) * n]) {
+                                *a += w;
+                            }
+                        }
+                    });
+            } else {
+                l.forward(&st.enc_out[li - 1], &st.codes, &mut pre);
+            }
+            let mut y = vec![0.0f32; bsz * n];
+            let mut isd = vec![1.0f32; bsz];
+            activate(&mut pre, n, self.ln_enc, &mut y, &mut isd, &masks[li]);
+            st.enc_y.push(y);
+            st.enc_isd.push(isd);
+            st.enc_out.push(pre);
+        }
+        let h = st.enc_out.last().expect("at least one layer");
+        let nl = self.n_latent;
+        st.mu = vec![0.0; bsz * nl];
+        st.u = vec![0.0; bsz * nl];
+        self.mean.forward(h, &st.codes, &mut st.mu);
+        self.var.forward(h, &st.codes, &mut st.u);
+        st.v = st.u.iter().map(|&u| u.exp() + VAR_EPS).collect();
+    }
+
+    /// Forward (and backward when `grad`) of one minibatch. `eps` is `cells x n_latent`
+    /// (z = mu + sqrt(v) eps); `masks` the encoder dropout masks per layer (empty: none).
+    pub(crate) fn step(
+        &self,
+        data: &QueryData,
+        cells: &[usize],
+        eps: &[f32],
+        masks: &[Vec<f32>],
+        kl_weight: f64,
+        grad: bool,
+    ) -> StepOutput {
+        let bsz = cells.len();
+        let nl = self.n_latent;
+        let mut st = State::default();
+        self.encode(data, cells, masks, &mut st);
+        let z: Vec<f32> = (0..bsz * nl)
+            .map(|i| st.mu[i] + st.v[i].sqrt() * eps[i])
+            .collect();
+        let kl: Vec<f64> = (0..bsz)
+            .map(|r| {
+                (0..nl)
+                    .map(|k| {
+                        let (m, v) = (st.mu[r * nl + k] as f64, st.v[r * nl + k] as f64);
+                        0.5 * (v + m * m - 1.0 - v.ln())
+                    })
+                    .sum()
+            })
+            .collect();
+        // decoder
+        let mut dec_in = z.clone();
+        let mut dec_y = Vec::new();
+        let mut dec_isd = Vec::new();
+        let mut dec_inputs = Vec::new();
+        for l in &self.dec {
+            let mut pre = vec![0.0f32; bsz * l.n_out];
+            l.forward(&dec_in, &st.codes, &mut pre);
+            let mut y = vec![0.0f32; bsz * l.n_out];
+            let mut isd = vec![1.0f32; bsz];
+            activate(&mut pre, l.n_out, self.ln_dec, &mut y, &mut isd, &[]);
+            dec_y.push(y);
+            dec_isd.push(isd);
+            dec_inputs.push(std::mem::replace(&mut dec_in, pre));
+        }
+        let hdec = dec_in;
+        let hd = self.dec.last().map_or(nl, |l| l.n_out);
+        // heads + loss (+ gradient w.r.t. the last decoder hidden layer), fused per row block
+        let g = self.n_genes;
+        let nh = if self.zinb { 2 } else { 1 };
+        let width = nh * g;
+        let scale = 1.0 / bsz as f32;
+        let mut rec = vec![0.0f64; bsz];
+        let mut dh = vec![0.0f32; bsz * hd];
+        rec.par_chunks_mut(HEAD_ROWS)
+            .zip(dh.par_chunks_mut(HEAD_ROWS * hd))
+            .zip(hdec.par_chunks(HEAD_ROWS * hd))
+            .zip(cells.par_chunks(HEAD_ROWS))
+            .for_each(|(((rc, dhc), hc), cc)| {
+                let rows = cc.len();
+                let mut logits = vec![0.0f32; rows * width];
+                for row in logits.chunks_mut(width) {
+                    row.copy_from_slice(&self.heads_b);
+                }
+                // SAFETY: hc is rows x hd, heads_w is width x hd, logits rows x width.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        rows,
+                        hd,
+                        width,
+                        1.0,
+                        hc.as_ptr(),
+                        hd as isize,
+                        1,
+                        self.heads_w.as_ptr(),
+                        1,
+                        hd as isize,
+                        1.0,
+                        logits.as_mut_ptr(),
+                        width as isize,
+                        1,
+                    );
+                }
+                let mut s = vec![0.0f32; g];
+                for ((row, r), &j) in logits.chunks_mut(width).zip(rc.iter_mut()).zip(cc) {
+                    let (a, pi) = row.split_at_mut(g);
+                    let pi = if self.zinb { Some(pi) } else { None };
+                    *r = cell_loss_grad(a, pi, &mut s, &data.cell(j), &self.disp, scale);
+                }
+                if grad {
+                    // SAFETY: logits rows x width, heads_w width x hd, dhc rows x hd.
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            rows,
+                            width,
+                            hd,
+                            1.0,
+                            logits.as_ptr(),
+                            width as isize,
+                            1,
+                            self.heads_w.as_ptr(),
+                            hd as isize,
+                            1,
+                            0.0,
+                            dhc.as_mut_ptr(),
+                            hd as isize,
+                            1,
+                        );
+                    }
+                }
+            });
+        let reconstruction_sum = rec.iter().sum();
+        let kl_sum = kl.iter().sum();
+        let mut grads = Vec::new();
+        if grad {
+            let mut dec_grads = Vec::new();
+            let mut d = dh;
+            for (li, l) in self.dec.iter().enumerate().rev() {
+                deactivate(&mut d, l.n_out, self.ln_dec, &dec_y[li], &dec_isd[li], &[]);
+                dec_grads.push(cov_grad(l, &d, &st.codes));
+                let mut dx = vec![0.0f32; bsz * l.n_in];
+                l.backward_input(&d, bsz, &mut dx, 0.0);
+                d = dx;
+            }
+            dec_grads.reverse();
+            // d = dL/dz
+            let kw = (kl_weight as f32) * scale;
+            let mut dmu = vec![0.0f32; bsz * nl];
+            let mut du = vec![0.0f32; bsz * nl];
+            for i in 0..bsz * nl {
+                let (m, v) = (st.mu[i], st.v[i]);
+                let sd = v.sqrt();
+                dmu[i] = d[i] + kw * m;
+                let dv = d[i] * eps[i] / (2.0 * sd) + kw * 0.5 * (1.0 - 1.0 / v);
+                du[i] = dv * (v - VAR_EPS);
+            }
+            let he = self.mean.n_in;
+            let mut d = vec![0.0f32; bsz * he];
+            self.mean.backward_input(&dmu, bsz, &mut d, 0.0);
+            self.var.backward_input(&du, bsz, &mut d, 1.0);
+            let mut enc_grads = Vec::new();
+            for (li, l) in self.enc.iter().enumerate().rev() {
+                let mask = masks.get(li).map_or(&[][..], |m| &m[..]);
+                deactivate(
+                    &mut d,
+                    l.n_out,
+                    self.ln_enc,
+                    &st.enc_y[li],
+                    &st.enc_isd[li],
+                    mask,
+                );
+                enc_grads.push(cov_grad(l, &d, &st.codes));
+                if li > 0 {
+                    let mut dx = vec![0.0f32; bsz * l.n_in];
+                    l.backward_input(&d, bsz, &mut dx, 0.0);
+                    d = dx;
+                }
+            }
+            enc_grads.reverse();
+            grads = enc_grads;
+            grads.extend(dec_grads);
+        }
+        StepOutput {
+            reconstruction_sum,
+            kl_sum,
+            reconstruction: rec,
+            kl,
+            grads,
+        }
+    }
+
+    /// Latent mean and variance (eval mode, as `get_latent_representation(return_dist=True)`),
+    /// cells x latent column-major.
+    pub fn latent(&self, data: &QueryData, n_threads: usize) -> ScResult<LatentOutput> {
+        let n = data.n_cells;
+        let nl = self.n_latent;
+        let no_masks: Vec<Vec<f32>> = vec![Vec::new(); self.enc.len()];
+        let mut mean = vec![0.0; n * nl];
+        let mut var = vec![0.0; n * nl];
+        crate::threads::with_threads(n_threads.max(1), || {
+            let cells: Vec<usize> = (0..n).collect();
+            for blk in cells.chunks(1024) {
+                let mut st = State::default();
+                self.encode(data, blk, &no_masks, &mut st);
+                for (r, &j) in blk.iter().enumerate() {
+                    for k in 0..nl {
+                        mean[k * n + j] = st.mu[r * nl + k] as f64;
+                        var[k * n + j] = st.v[r * nl + k] as f64;
+                    }
+                }
+            }
+        })?;
+        Ok(LatentOutput {
+            n_cells: n,
+            n_latent: nl,
+            mean,
+            var,
+        })
+    }
+
+    /// Per-cell reconstruction loss and KL at `z = mean` (eval mode, no sampling).
+    pub fn loss_at_mean(
+        &self,
+        data: &QueryData,
+        n_threads: usize,
+    ) -> ScResult<(Vec<f64>, Vec<f64>)> {
+        let n = data.n_cells;
+        let no_masks: Vec<Vec<f32>> = vec![Vec::new(); self.enc.len()];
+        crate::threads::with_threads(n_threads.max(1), || {
+            let cells: Vec<usize> = (0..n).collect();
+            let mut rec = Vec::with_capacity(n);
+            let mut kl = Vec::with_capacity(n);
+            for blk in cells.chunks(256) {
+                let eps = vec![0.0f32; blk.len() * self.n_latent];
+                let o = self.step(data, blk, &eps, &no_masks, 1.0, false);
+                rec.extend(o.reconstruction);
+                kl.extend(o.kl);
+            }
+            (rec, kl)
+        })
+    }
+
+    /// Query training. `on_epoch` is called after every epoch (on the caller's thread);
+    /// `cancelled` is polled between minibatches, and a `true` stops training (the model keeps
+    /// the updates made so far).
+    pub fn train(
+        &mut self,
+        data: &QueryData,
+        opts: &TrainOptions,
+        on_epoch: &mut dyn FnMut(&EpochStats),
+        cancelled: &dyn Fn() -> bool,
+    ) -> ScResult<TrainResult> {
+        let n = data.n_cells;
+        if n == 0 {
+            return Err(ScError::Input("the query has no cells".into()));
+        }
+        if opts.batch_size == 0 {
+            return Err(ScError::Input("batch_size must be positive".into()));
+        }
+        let (train_idx, val_idx) = match &opts.split {
+            Some((t, v)) => {
+                if t.iter().chain(v).any(|&j| j >= n) {
+                    return Err(ScError::Input(
+                        "the split names cells outside the query".into(),
+                    ));
+                }
+                (t.clone(), v.clone())
+            }
+            None => split_cells(n, opts.train_size, opts.batch_size, opts.seed),
+        };
+        if train_idx.is_empty() {
+            return Err(ScError::Input("the training set is empty".into()));
+        }
+        let max_epochs = opts.max_epochs.unwrap_or_else(|| max_epochs_heuristic(n));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.n_threads.max(1))
+            .build()
+            .map_err(|e| ScError::Threads(format!("could not start threads: {e}")))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_add(1));
+        let nl = self.n_latent;
+        let n_params = self.params_mut().len();
+        let mut adam_m: Vec<Vec<f32>> = self
+            .params_mut()
+            .iter()
+            .map(|p| vec![0.0; p.len()])
+            .collect();
+        let mut adam_v = adam_m.clone();
+        let mut t_step = 0i32;
+        let (b1, b2) = (0.9f64, 0.999f64);
+        let p_drop = if opts.freeze_dropout {
+            0.0
+        } else {
+            self.dropout
+        };
+        let mut history = Vec::new();
+        let (mut best, mut wait) = (f64::INFINITY, 0usize);
+        let mut stopped_early = false;
+        let mut was_cancelled = false;
+        let mut order = train_idx.clone();
+        'epochs: for epoch in 0..max_epochs {
+            let klw = kl_weight(epoch, opts);
+            order.shuffle(&mut rng);
+            let (mut rec_t, mut kl_t) = (0.0, 0.0);
+            for mb in order.chunks(opts.batch_size) {
+                if cancelled() {
+                    was_cancelled = true;
+                    break 'epochs;
+                }
+                let eps: Vec<f32> = (0..mb.len() * nl)
+                    .map(|_| StandardNormal.sample(&mut rng))
+                    .collect();
+                let masks: Vec<Vec<f32>> = self
+                    .enc
+                    .iter()
+                    .map(|l| {
+                        if p_drop > 0.0 {
+                            let keep = 1.0 / (1.0 - p_drop);
+                            (0..mb.len() * l.n_out)
+                                .map(|_| {
+                                    if rng.random::<f32>() < p_drop {
+                                        0.0
+                                    } else {
+                                        keep
+                                    }
+                                })
+                                .collect()
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect();
+                let out = pool.install(|| self.step(data, mb, &eps, &masks, klw, true));
+                rec_t += out.reconstruction_sum;
+                kl_t += out.kl_sum;
+                // Adam (torch): L2 weight decay added to the gradient
+                t_step += 1;
+                let bc1 = 1.0 - b1.powi(t_step);
+                let bc2 = 1.0 - b2.powi(t_step);
+                let step_size = (opts.lr / bc1) as f32;
+                let bc2s = bc2.sqrt() as f32;
+                let (b1f, b2f) = (b1 as f32, b2 as f32);
+                let (wd, ae) = (opts.weight_decay as f32, opts.eps as f32);
+                let params = self.params_mut();
+                debug_assert_eq!(params.len(), n_params);
+                for (k, p) in params.into_iter().enumerate() {
+                    let gk = &out.grads[k];
+                    for i in 0..p.len() {
+                        let gi = gk[i] + wd * p[i];
+                        let m = &mut adam_m[k][i];
+                        let v = &mut adam_v[k][i];
+                        *m = b1f * *m + (1.0 - b1f) * gi;
+                        *v = b2f * *v + (1.0 - b2f) * gi * gi;
+                        p[i] -= step_size * *m / (v.sqrt() / bc2s + ae);
+                    }
+                }
+            }
+            let nt = train_idx.len() as f64;
+            let mut stats = EpochStats {
+                epoch,
+                kl_weight: klw,
+                elbo_train: (rec_t + kl_t) / nt,
+                reconstruction_loss_train: rec_t / nt,
+                kl_local_train: kl_t / nt,
+                elbo_validation: f64::NAN,
+                reconstruction_loss_validation: f64::NAN,
+                kl_local_validation: f64::NAN,
+            };
+            if (opts.validate || opts.early_stopping) && !val_idx.is_empty() {
+                let (mut rv, mut kv) = (0.0, 0.0);
+                let no_masks: Vec<Vec<f32>> = vec![Vec::new(); self.enc.len()];
+                for mb in val_idx.chunks(opts.batch_size) {
+                    let eps: Vec<f32> = (0..mb.len() * nl)
+                        .map(|_| StandardNormal.sample(&mut rng))
+                        .collect();
+                    let out = pool.install(|| self.step(data, mb, &eps, &no_masks, klw, false));
+                    rv += out.reconstruction_sum;
+                    kv += out.kl_sum;
+                }
+                let nv = val_idx.len() as f64;
+                stats.elbo_validation = (rv + kv) / nv;
+                stats.reconstruction_loss_validation = rv / nv;
+                stats.kl_local_validation = kv / nv;
+            }
+            on_epoch(&stats);
+            let elbo_v = stats.elbo_validation;
+            history.push(stats);
+            if opts.early_stopping && elbo_v.is_finite() {
+                if elbo_v - opts.early_stopping_min_delta < best {
+                    best = elbo_v;
+                    wait = 0;
+                } else {
+                    wait += 1;
+                    if wait >= opts.early_stopping_patience {
+                        stopped_early = true;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(TrainResult {
+            history,
+            stopped_early,
+            cancelled: was_cancelled,
+            train_indices: train_idx,
+            validation_indices: val_idx,
+        })
+    }
+}
+
+/// Gradient of the covariate columns: the pre-activation gradient summed over the cells of
+/// each code.
+fn cov_grad(l: &Layer, d: &[f32], codes: &[u32]) -> Vec<f32> {
+    let n = l.n_out;
+    let mut g = vec![0.0f32; l.wc.len()];
+    if l.n_cov() == 0 {
+        return g;
+    }
+    for (row, &c) in d.chunks(n).zip(codes) {
+        let c = c as usize;
+        for (a, &v) in g[c * n..(c + 1) * n].iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+    g
+}
+
+#[derive(Default)]
+struct State {
+    codes: Vec<u32>,
+    enc_y: Vec<Vec<f32>>,
+    enc_isd: Vec<Vec<f32>>,
+    enc_out: Vec<Vec<f32>>,
+    mu: Vec<f32>,
+    u: Vec<f32>,
+    v: Vec<f32>,
+}

@@ -1,0 +1,171 @@
+//! Glue of scArches query training (scannot-core `scvi::train`).
+
+use crate::convert::guard;
+use crate::expr_matrix;
+use extendr_api::prelude::*;
+use extendr_api::Result;
+use scannot_core::scvi::{read_scvi_model, SurgeryModel, TrainOptions};
+use scannot_core::{ScError, ScResult};
+use std::os::raw::{c_int, c_void};
+use std::time::Instant;
+
+extern "C" {
+    fn R_ToplevelExec(fun: Option<unsafe extern "C" fn(*mut c_void)>, data: *mut c_void) -> c_int;
+    fn R_CheckUserInterrupt();
+}
+
+unsafe extern "C" fn check_interrupt(_: *mut c_void) {
+    R_CheckUserInterrupt();
+}
+
+/// True when the user pressed Ctrl-C / Esc: `R_CheckUserInterrupt` run under
+/// `R_ToplevelExec`, so the interrupt cannot jump over Rust frames. Main thread only.
+fn user_interrupted() -> bool {
+    // SAFETY: called on R's main thread (the training loop runs on the calling thread).
+    unsafe { R_ToplevelExec(Some(check_interrupt), std::ptr::null_mut()) == 0 }
+}
+
+/// scArches query training of an SCVI model and the query latent.
+/// `batch`: 0-based codes in the query model's batch order (reference levels, then the
+/// `n_new` new levels). `max_epochs` < 1: scvi's heuristic. `progress`: NULL or an R
+/// function(epoch, elbo_train, elbo_validation) called after every epoch.
+/// @noRd
+#[extendr]
+#[allow(clippy::too_many_arguments)]
+fn rs_scvi_map_query(
+    model_path: &str,
+    p: &[i32],
+    i: &[i32],
+    x: &[f64],
+    nrow: i32,
+    ncol: i32,
+    dense: bool,
+    batch: &[i32],
+    n_new: i32,
+    max_epochs: i32,
+    batch_size: i32,
+    train_size: f64,
+    lr: f64,
+    weight_decay: f64,
+    n_epochs_kl_warmup: i32,
+    early_stopping: bool,
+    early_stopping_patience: i32,
+    freeze_dropout: bool,
+    seed: f64,
+    n_threads: i32,
+    progress: Robj,
+) -> Result<List> {
+    let progress_fn = if progress.is_null() {
+        None
+    } else {
+        Some(
+            progress
+                .as_function()
+                .ok_or_else(|| Error::Other("progress must be NULL or a function".into()))?,
+        )
+    };
+    let out = guard(|| -> ScResult<_> {
+        let m = read_scvi_model(std::path::Path::new(model_path))?;
+        if n_new < 0 {
+            return Err(ScError::Input("n_new must be >= 0".into()));
+        }
+        let seed = if seed.is_finite() && seed >= 0.0 {
+            seed as u64
+        } else {
+            0
+        };
+        let mut s = SurgeryModel::from_model(&m, n_new as usize, seed)?;
+        let counts = expr_matrix(p, i, x, nrow, ncol, dense)?;
+        if batch.iter().any(|&b| b < 0) {
+            return Err(ScError::Input("batch codes must be >= 0 (no NA)".into()));
+        }
+        let codes: Vec<u32> = batch.iter().map(|&b| b as u32).collect();
+        let data = s.prepare(&counts, &codes)?;
+        let threads = if n_threads > 0 {
+            n_threads as usize
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        };
+        if batch_size < 1 {
+            return Err(ScError::Input(
+                "batch_size must be a positive integer".into(),
+            ));
+        }
+        if !(train_size > 0.0 && train_size <= 1.0) {
+            return Err(ScError::Input("train_size must be in (0, 1]".into()));
+        }
+        let opts = TrainOptions {
+            max_epochs: (max_epochs > 0).then_some(max_epochs as usize),
+            batch_size: batch_size as usize,
+            train_size,
+            lr,
+            weight_decay,
+            n_epochs_kl_warmup: (n_epochs_kl_warmup > 0).then_some(n_epochs_kl_warmup as usize),
+            early_stopping,
+            early_stopping_patience: early_stopping_patience.max(1) as usize,
+            seed,
+            freeze_dropout,
+            n_threads: threads,
+            ..Default::default()
+        };
+        let mut seconds = Vec::new();
+        let mut t0 = Instant::now();
+        let mut cb_error = None;
+        let res = s.train(
+            &data,
+            &opts,
+            &mut |e| {
+                seconds.push(t0.elapsed().as_secs_f64());
+                if let (Some(f), None) = (&progress_fn, &cb_error) {
+                    if let Err(err) = f.call(pairlist!(
+                        e.epoch as f64 + 1.0,
+                        e.elbo_train,
+                        e.elbo_validation
+                    )) {
+                        cb_error = Some(err.to_string());
+                    }
+                }
+                t0 = Instant::now();
+            },
+            &user_interrupted,
+        )?;
+        if let Some(e) = cb_error {
+            return Err(ScError::Input(format!("the progress function failed: {e}")));
+        }
+        let lat = s.latent(&data, threads)?;
+        Ok((res, lat, seconds, s.n_batch()))
+    })?;
+    let (res, lat, seconds, n_batch) = out;
+    let h = &res.history;
+    let col = |f: &dyn Fn(&scannot_core::scvi::EpochStats) -> f64| -> Vec<f64> {
+        h.iter().map(f).collect()
+    };
+    let history = list!(
+        epoch = col(&|e| e.epoch as f64 + 1.0),
+        kl_weight = col(&|e| e.kl_weight),
+        elbo_train = col(&|e| e.elbo_train),
+        reconstruction_loss_train = col(&|e| e.reconstruction_loss_train),
+        kl_local_train = col(&|e| e.kl_local_train),
+        elbo_validation = col(&|e| e.elbo_validation),
+        reconstruction_loss_validation = col(&|e| e.reconstruction_loss_validation),
+        kl_local_validation = col(&|e| e.kl_local_validation),
+        seconds = seconds
+    );
+    let one_based = |v: &[usize]| -> Vec<i32> { v.iter().map(|&j| j as i32 + 1).collect() };
+    Ok(list!(
+        latent = lat.mean,
+        latent_var = lat.var,
+        n_latent = lat.n_latent as i32,
+        history = history,
+        stopped_early = res.stopped_early,
+        cancelled = res.cancelled,
+        n_batch = n_batch as i32,
+        train_indices = one_based(&res.train_indices),
+        validation_indices = one_based(&res.validation_indices)
+    ))
+}
+
+extendr_module! {
+    mod scvi_train;
+    fn rs_scvi_map_query;
+}
