@@ -150,3 +150,59 @@ test_that("Seurat and SingleCellExperiment methods train from metadata labels", 
   seu$ct <- d$y
   expect_equal(train_celltypist(seu, "ct", date = "d")$coef, ref$coef, tolerance = 1e-12)
 })
+
+ctt_file <- function(x) test_path("fixtures", "celltypist_train", x)
+ctt_data <- function(name) {
+  m <- methods::as(Matrix::readMM(ctt_file(paste0(name, ".mtx.gz"))), "CsparseMatrix")
+  rownames(m) <- readLines(ctt_file("train_genes.txt"))
+  normalize_counts(m)
+}
+
+test_that("training matches celltypist.train: scaler, predictions, held-out accuracy", {
+  x <- ctt_data("train")
+  y <- readLines(ctt_file("train_labels.txt"))
+  m <- train_celltypist(x, y)
+  sc <- utils::read.csv(ctt_file("ct_lr_scaler.csv"))
+  expect_identical(m$features, sc$gene)
+  expect_equal(m$scaler$mean, sc$mean, tolerance = 1e-12)
+  expect_equal(m$scaler$var, sc$var, tolerance = 1e-12)
+  expect_equal(m$scaler$scale, sc$scale, tolerance = 1e-12)
+  test <- ctt_data("test")
+  truth <- readLines(ctt_file("test_labels.txt"))
+  ct <- utils::read.csv(ctt_file("ct_lr_pred.csv"))
+  p <- annotate_celltypist(test, m)
+  expect_gte(mean(as.character(p$predicted_labels) == ct$predicted_labels), 0.97)
+  expect_lt(max(abs(p$conf_score - ct$conf_score)), 0.05)
+  acc <- utils::read.table(ctt_file("ct_accuracy.txt"), row.names = 1)
+  ours <- mean(as.character(p$predicted_labels) == truth)
+  expect_lte(abs(ours - acc["lr", 1]), 0.01)
+  # celltypist's SGD is unseeded: mean accuracies over a few runs
+  ours_sgd <- mean(vapply(1:3, function(s) {
+    sgd <- train_celltypist(x, y, use_SGD = TRUE, seed = s)
+    mean(as.character(annotate_celltypist(test, sgd)$predicted_labels) == truth)
+  }, numeric(1)))
+  expect_lte(abs(ours_sgd - acc["sgd", 1]), 0.04)
+})
+
+test_that("model files written by scannot load in celltypist and predict identically", {
+  test <- ctt_data("test")
+  for (nm in c("lr", "sgd", "binary")) {
+    model <- load_celltypist_model(ctt_file(paste0("r_", nm, ".pkl")))
+    py <- utils::read.csv(ctt_file(paste0("r_", nm, "_py.csv")), check.names = FALSE)
+    p <- annotate_celltypist(test, model, return_probabilities = TRUE)
+    expect_identical(as.character(p$predicted_labels), py$predicted_labels)
+    expect_identical(colnames(attr(p, "probability")), colnames(py)[-1])
+    expect_equal(unname(attr(p, "probability")), unname(as.matrix(py[-1])), tolerance = 1e-12)
+  }
+  # the files are what train_celltypist() + write_celltypist_model() give
+  x <- ctt_data("train")
+  y <- readLines(ctt_file("train_labels.txt"))
+  m <- train_celltypist(x, y, details = "scannot fixture", date = "2026-01-01 00:00:00")
+  f <- tempfile(fileext = ".pkl")
+  on.exit(unlink(f), add = TRUE)
+  write_celltypist_model(m, f)
+  a <- load_celltypist_model(f)
+  b <- load_celltypist_model(ctt_file("r_lr.pkl"))
+  expect_equal(a$coef, b$coef, tolerance = 1e-10)
+  expect_identical(a$description, b$description)
+})

@@ -278,8 +278,90 @@ fn sigmoid(t: f64) -> f64 {
     }
 }
 
+/// Classes evaluated side by side in one SIMD-friendly block.
+const LANES: usize = 8;
+type Lane = [f64; LANES];
+
+/// Cells per block of the blocked layout.
+const BLOCK: usize = 256;
+
+/// The training data in blocks of [`BLOCK`] cells, each block's entries sorted by gene, so
+/// that the coefficient and gradient rows are visited in increasing gene order (streamed,
+/// and reused by all cells of the block that express the gene) instead of at random.
+struct Blocked {
+    /// First cell of each block, and the end.
+    start: Vec<usize>,
+    /// Entry offsets of each block.
+    off: Vec<usize>,
+    gene: Vec<u32>,
+    cell: Vec<u16>,
+    z: Vec<f64>,
+}
+
+impl Blocked {
+    fn new(d: &TrainData) -> Blocked {
+        let n = d.n_cells;
+        let nblocks = n.div_ceil(BLOCK);
+        let mut start: Vec<usize> = (0..nblocks).map(|b| b * BLOCK).collect();
+        start.push(n);
+        let nnz = d.z.len();
+        let mut gene = vec![0u32; nnz];
+        let mut cell = vec![0u16; nnz];
+        let mut z = vec![0.0; nnz];
+        let off: Vec<usize> = (0..=nblocks).map(|b| d.p[start[b.min(nblocks)]]).collect();
+        // counting sort by gene within each block (blocks in parallel)
+        let mut parts: Vec<(&mut [u32], &mut [u16], &mut [f64])> = Vec::with_capacity(nblocks);
+        {
+            let (mut g_rest, mut c_rest, mut z_rest) = (&mut gene[..], &mut cell[..], &mut z[..]);
+            for b in 0..nblocks {
+                let len = off[b + 1] - off[b];
+                let (g1, g2) = g_rest.split_at_mut(len);
+                let (c1, c2) = c_rest.split_at_mut(len);
+                let (z1, z2) = z_rest.split_at_mut(len);
+                parts.push((g1, c1, z1));
+                g_rest = g2;
+                c_rest = c2;
+                z_rest = z2;
+            }
+        }
+        parts
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(b, (gs, cs, zs))| {
+                let mut count = vec![0usize; d.n_genes + 1];
+                let (e0, e1) = (off[b], off[b + 1]);
+                for &j in &d.j[e0..e1] {
+                    count[j as usize + 1] += 1;
+                }
+                for k in 1..count.len() {
+                    count[k] += count[k - 1];
+                }
+                for c in start[b]..start[b + 1] {
+                    for e in d.p[c]..d.p[c + 1] {
+                        let j = d.j[e] as usize;
+                        let pos = count[j];
+                        count[j] += 1;
+                        gs[pos] = j as u32;
+                        cs[pos] = (c - start[b]) as u16;
+                        zs[pos] = d.z[e];
+                    }
+                }
+            });
+        Blocked {
+            start,
+            off,
+            gene,
+            cell,
+            z,
+        }
+    }
+}
+
 /// Objective and gradient of the problems `rows` (class ids) at `points` (each `G + 1`
-/// long, the intercept last), in one pass over the data.
+/// long, the intercept last), in one pass over the data: the classes are packed in blocks of
+/// [`LANES`] (padding lanes are computed and ignored), so that each stored entry updates
+/// whole blocks with fixed-width loops.
+#[cfg(test)]
 fn eval_batch(
     d: &TrainData,
     y: &[usize],
@@ -287,78 +369,122 @@ fn eval_batch(
     points: &[&[f64]],
     c: f64,
 ) -> Vec<(f64, Vec<f64>)> {
+    eval_blocked(d, &Blocked::new(d), y, rows, points, c)
+}
+
+fn eval_blocked(
+    d: &TrainData,
+    bl: &Blocked,
+    y: &[usize],
+    rows: &[usize],
+    points: &[&[f64]],
+    c: f64,
+) -> Vec<(f64, Vec<f64>)> {
     let a = rows.len();
+    let nb = a.div_ceil(LANES).max(1);
     let g = d.n_genes;
     let n = d.n_cells;
-    // W gene-major, A contiguous
-    let mut w = vec![0.0; g * a];
-    let mut shift = vec![0.0; a];
+    // W gene-major: w[j * nb + b][q] is gene j of class b * LANES + q
+    let mut w = vec![[0.0; LANES]; g * nb];
+    let mut shift = vec![[0.0; LANES]; nb];
+    // class of each lane (usize::MAX for padding: never a target)
+    let mut lane_class = vec![[usize::MAX; LANES]; nb];
     for (q, pt) in points.iter().enumerate() {
+        let (b, l) = (q / LANES, q % LANES);
         let mut dot = 0.0;
         for j in 0..g {
-            w[j * a + q] = pt[j];
+            w[j * nb + b][l] = pt[j];
             dot += d.mu[j] * pt[j];
         }
-        shift[q] = pt[g] - dot;
+        shift[b][l] = pt[g] - dot;
+        lane_class[b][l] = rows[q];
     }
-    let n_chunks = (rayon::current_num_threads() * 4).clamp(1, n.max(1));
-    let chunk = n.div_ceil(n_chunks).max(1);
-    // accumulator: [grad (g*a) | sum r (a) | loss (a)]
-    #[allow(clippy::needless_range_loop)]
-    let acc = (0..n.div_ceil(chunk))
+    // a fixed split of the cell blocks, summed in order: bit-identical for any thread count
+    let nblocks = bl.start.len() - 1;
+    let n_chunks = N_CHUNKS.clamp(1, nblocks.max(1));
+    let per = nblocks.div_ceil(n_chunks).max(1);
+    // accumulators: gradient (g * nb lanes), then per block: sum of residuals, loss
+    let acc = (0..nblocks.div_ceil(per))
         .into_par_iter()
         .map(|ch| {
-            let mut acc = vec![0.0; g * a + 2 * a];
-            let mut t = vec![0.0; a];
-            for cell in ch * chunk..((ch + 1) * chunk).min(n) {
-                t.copy_from_slice(&shift);
-                let (s, e) = (d.p[cell], d.p[cell + 1]);
-                for k in s..e {
-                    let z = d.z[k];
-                    let row = &w[d.j[k] as usize * a..][..a];
-                    for q in 0..a {
-                        t[q] += z * row[q];
+            let mut grad: Vec<Lane> = vec![[0.0; LANES]; g * nb];
+            let mut sums: Vec<Lane> = vec![[0.0; LANES]; 2 * nb];
+            let mut t: Vec<Lane> = vec![[0.0; LANES]; BLOCK * nb];
+            for blk in ch * per..((ch + 1) * per).min(nblocks) {
+                let (c0, c1) = (bl.start[blk], bl.start[blk + 1]);
+                let ncell = c1 - c0;
+                for k in 0..ncell {
+                    t[k * nb..(k + 1) * nb].copy_from_slice(&shift);
+                }
+                let (e0, e1) = (bl.off[blk], bl.off[blk + 1]);
+                let (gs, cs, zs) = (&bl.gene[e0..e1], &bl.cell[e0..e1], &bl.z[e0..e1]);
+                for ((&j, &cl), &z) in gs.iter().zip(cs).zip(zs) {
+                    let wr = &w[j as usize * nb..][..nb];
+                    let tr = &mut t[cl as usize * nb..][..nb];
+                    for (tb, wb) in tr.iter_mut().zip(wr) {
+                        for q in 0..LANES {
+                            tb[q] += z * wb[q];
+                        }
                     }
                 }
-                for q in 0..a {
-                    let yq = if y[cell] == rows[q] { 1.0 } else { 0.0 };
-                    acc[g * a + a + q] += softplus(t[q]) - yq * t[q];
-                    t[q] = sigmoid(t[q]) - yq;
-                    acc[g * a + q] += t[q];
+                for k in 0..ncell {
+                    let yc = y[c0 + k];
+                    for b in 0..nb {
+                        let tb = &mut t[k * nb + b];
+                        for q in 0..LANES {
+                            let yq = if lane_class[b][q] == yc { 1.0 } else { 0.0 };
+                            let tq = tb[q];
+                            sums[nb + b][q] += softplus(tq) - yq * tq;
+                            let r = sigmoid(tq) - yq;
+                            tb[q] = r;
+                            sums[b][q] += r;
+                        }
+                    }
                 }
-                for k in s..e {
-                    let z = d.z[k];
-                    let row = &mut acc[d.j[k] as usize * a..][..a];
-                    for q in 0..a {
-                        row[q] += z * t[q];
+                for ((&j, &cl), &z) in gs.iter().zip(cs).zip(zs) {
+                    let gr = &mut grad[j as usize * nb..][..nb];
+                    let tr = &t[cl as usize * nb..][..nb];
+                    for (gb, tb) in gr.iter_mut().zip(tr) {
+                        for q in 0..LANES {
+                            gb[q] += z * tb[q];
+                        }
                     }
                 }
             }
-            acc
+            (grad, sums)
         })
-        .reduce(
-            || vec![0.0; g * a + 2 * a],
-            |mut x, y| {
-                for (u, v) in x.iter_mut().zip(&y) {
-                    *u += v;
+        .collect::<Vec<_>>()
+        .into_iter()
+        .reduce(|mut x, y| {
+            for (u, v) in x.0.iter_mut().zip(&y.0) {
+                for q in 0..LANES {
+                    u[q] += v[q];
                 }
-                x
-            },
-        );
+            }
+            for (u, v) in x.1.iter_mut().zip(&y.1) {
+                for q in 0..LANES {
+                    u[q] += v[q];
+                }
+            }
+            x
+        })
+        .unwrap_or_else(|| (vec![[0.0; LANES]; g * nb], vec![[0.0; LANES]; 2 * nb]));
+    let (gacc, sums) = acc;
     let nf = n as f64;
     let lam = 1.0 / (c * nf);
     (0..a)
         .map(|q| {
+            let (b, l) = (q / LANES, q % LANES);
             let pt = points[q];
-            let sr = acc[g * a + q];
+            let sr = sums[b][l];
             let mut grad = vec![0.0; g + 1];
             let mut ww = 0.0;
             for j in 0..g {
-                grad[j] = (acc[j * a + q] - d.mu[j] * sr) / nf + lam * pt[j];
+                grad[j] = (gacc[j * nb + b][l] - d.mu[j] * sr) / nf + lam * pt[j];
                 ww += pt[j] * pt[j];
             }
             grad[g] = sr / nf;
-            (acc[g * a + a + q] / nf + 0.5 * lam * ww, grad)
+            (sums[nb + b][l] / nf + 0.5 * lam * ww, grad)
         })
         .collect()
 }
@@ -387,6 +513,9 @@ struct Lbfgs {
 }
 
 const MEMORY: usize = 10;
+
+/// Cell chunks of one objective evaluation (fixed, so that sums do not depend on threads).
+const N_CHUNKS: usize = 32;
 
 impl Lbfgs {
     fn direction(&mut self) {
@@ -503,7 +632,8 @@ pub fn fit_lbfgs(
     let rows = row_classes(n_classes);
     let g = d.n_genes;
     let zero = vec![0.0; g + 1];
-    let init = eval_batch(d, y, &rows, &vec![zero.as_slice(); rows.len()], c);
+    let bl = Blocked::new(d);
+    let init = eval_blocked(d, &bl, y, &rows, &vec![zero.as_slice(); rows.len()], c);
     let mut st: Vec<Lbfgs> = init
         .into_iter()
         .map(|(f, grad)| {
@@ -535,7 +665,7 @@ pub fn fit_lbfgs(
         }
         let cls: Vec<usize> = active.iter().map(|&k| rows[k]).collect();
         let pts: Vec<&[f64]> = active.iter().map(|&k| st[k].trial.as_slice()).collect();
-        let res = eval_batch(d, y, &cls, &pts, c);
+        let res = eval_blocked(d, &bl, y, &cls, &pts, c);
         for (&k, (f, grad)) in active.iter().zip(res) {
             st[k].feed(f, grad, tol, max_iter);
         }

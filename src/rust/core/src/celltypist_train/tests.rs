@@ -503,3 +503,16 @@ fn pickle_writer_round_trips_values() {
     assert_eq!(pickle::parse(&write(&v).unwrap()).unwrap(), v);
     assert!(write(&V::Recursive).is_err());
 }
+
+#[test]
+fn lbfgs_is_bit_identical_for_any_number_of_threads() {
+    let (ng, nc) = (20, 300);
+    let (x, y) = toy(ng, nc, 4, 9);
+    let rows: Vec<usize> = (0..ng).collect();
+    let m = ExprMatrix::Dense(DenseView::new(ng, nc, &x).unwrap());
+    let sc = fit_scaler(&m, &rows, true);
+    let d = scale_data(&m, &rows, &sc);
+    let one = crate::threads::with_threads(1, || fit_lbfgs(&d, &y, 4, 1.0, 1000, 1e-4)).unwrap();
+    let three = crate::threads::with_threads(3, || fit_lbfgs(&d, &y, 4, 1.0, 1000, 1e-4)).unwrap();
+    assert_eq!(one.unwrap(), three.unwrap());
+}
