@@ -100,11 +100,18 @@ check_celltypist_model <- function(model, call) {
 #' (ties go to the alphabetically first label, by code point as in Python; a cluster
 #' whose top share is below `min_prop` becomes `"Heterogeneous"`). Give the
 #' over-clustering with `over_clustering` (a metadata column name or one label per
-#' cell), for example a high-resolution `Seurat::FindClusters()` result: CellTypist's
-#' own over-clustering (scanpy HVG + PCA + UMAP-kNN graph + Leiden with resolution 5 to
-#' 30 by cell count) cannot be reproduced bit for bit outside Python, so scannot does
-#' not pretend to; with the same over-clustering the vote is identical. With 50 cells or
-#' fewer no vote is done (with a warning), as in CellTypist.
+#' cell), for example a high-resolution `Seurat::FindClusters()` result; with the same
+#' over-clustering the vote is identical to CellTypist's. Without it, an over-clustering
+#' is built as CellTypist does, with CellTypist's resolution rule (Leiden, modularity,
+#' resolution 5 below 5,000 cells, 10 below 20,000, 15 below 40,000, 20 below 100,000, 25
+#' below 200,000, else 30; seeded, so labels are reproducible) on the object's own
+#' neighbour graph (a Seurat `Graphs()` entry, `<assay>_snn` first) or, when there is none,
+#' on a 10-nearest-neighbour graph of 50 principal components (SingleCellExperiment
+#' `reducedDim(, "PCA")`, else computed from the 2,500 most variable genes, scaled and
+#' clipped at 10). This needs the igraph package. Python's pipeline (scanpy PCA, UMAP
+#' connectivities, igraph Leiden) cannot be reproduced bit for bit, so these clusters are
+#' similar to, not identical with, CellTypist's. With 50 cells or fewer no vote is done
+#' (with a warning), as in CellTypist.
 #'
 #' @param object A Seurat object, a SingleCellExperiment, or a genes x cells
 #'   `dgCMatrix` / numeric matrix with gene symbols as row names.
@@ -115,7 +122,7 @@ check_celltypist_model <- function(model, call) {
 #' @param p_thres Probability threshold for `"prob match"`.
 #' @param majority_voting Whether to vote within over-clusters.
 #' @param over_clustering Metadata column name, or a vector with one cluster label per
-#'   cell. Required when `majority_voting = TRUE`.
+#'   cell; `NULL` builds one (see Details).
 #' @param min_prop Minimum share of the dominant label in an over-cluster; below it
 #'   (strictly) the cluster is `"Heterogeneous"`.
 #' @param conf_by `"predicted_labels"`: `conf_score` is each cell's largest
@@ -179,8 +186,12 @@ annotate_celltypist.Seurat <- function(object, model, ..., assay = NULL, layer =
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
   e <- get_expression(object, assay = assay, layer = layer)
+  neighbors <- if (isTRUE(majority_voting) && is.null(over_clustering)) {
+    list(graph = seurat_graph(object, assay))
+  }
   res <- celltypist_run(e$matrix, e$cells, model, mode, p_thres, majority_voting,
-                        over_clustering, min_prop, conf_by, normalize, n_threads, call)
+                        over_clustering, min_prop, conf_by, normalize, n_threads, call,
+                        neighbors = neighbors)
   celltypist_add(object, res, prefix, return_probabilities, call)
 }
 
@@ -197,8 +208,14 @@ annotate_celltypist.SummarizedExperiment <- function(object, model, ..., assay =
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
   e <- get_expression(object, assay = assay)
+  neighbors <- if (isTRUE(majority_voting) && is.null(over_clustering) &&
+                   methods::is(object, "SingleCellExperiment") &&
+                   "PCA" %in% SingleCellExperiment::reducedDimNames(object)) {
+    list(pca = SingleCellExperiment::reducedDim(object, "PCA"))
+  }
   res <- celltypist_run(e$matrix, e$cells, model, mode, p_thres, majority_voting,
-                        over_clustering, min_prop, conf_by, normalize, n_threads, call)
+                        over_clustering, min_prop, conf_by, normalize, n_threads, call,
+                        neighbors = neighbors)
   celltypist_add(object, res, prefix, return_probabilities, call)
 }
 
@@ -211,7 +228,7 @@ check_prefix <- function(prefix, call) {
 
 # Prediction + optional vote; returns list(table, probability, decision).
 celltypist_run <- function(m, cells, model, mode, p_thres, majority_voting, over_clustering,
-                           min_prop, conf_by, normalize, n_threads, call) {
+                           min_prop, conf_by, normalize, n_threads, call, neighbors = NULL) {
   model <- check_celltypist_model(model, call)
   mode <- rlang::arg_match(mode, c("best match", "prob match"), error_call = call)
   conf_by <- rlang::arg_match(conf_by, c("predicted_labels", "majority_voting"), error_call = call)
@@ -254,7 +271,11 @@ celltypist_run <- function(m, cells, model, mode, p_thres, majority_voting, over
     majority_voting <- FALSE
   }
   if (majority_voting) {
-    oc <- over_cluster_labels(over_clustering, cells, n, call)
+    oc <- if (is.null(over_clustering)) {
+      celltypist_over_cluster(m, neighbors, threads, call)
+    } else {
+      over_cluster_labels(over_clustering, cells, n, call)
+    }
     lab_f <- tab$predicted_labels
     oc_f <- factor(oc)
     per_cluster <- rs_call(rs_celltypist_vote(as.integer(lab_f), levels(lab_f), as.integer(oc_f),

@@ -45,6 +45,16 @@ rs_celltypist_predict <- function(p, i, x, nrow, ncol, dense, genes, features, c
 #' @noRd
 rs_celltypist_vote <- function(labels, label_names, clusters, n_clusters, min_prop) .Call(wrap__rs_celltypist_vote, labels, label_names, clusters, n_clusters, min_prop)
 
+#' celltypist.train on a genes x cells matrix. `rows` 1-based genes to use, `labels` 1-based
+#' class codes. Returns 1-based kept genes, scaler, gene-major coef, intercept, n_iter, t.
+#' @noRd
+rs_celltypist_train <- function(p, i, x, nrow, ncol, dense, rows, labels, n_classes, with_mean, use_sgd, c, max_iter, alpha, mini_batch, batch_number, batch_size, epochs, balance_cell_type, feature_selection, top_genes, seed, n_threads) .Call(wrap__rs_celltypist_train, p, i, x, nrow, ncol, dense, rows, labels, n_classes, with_mean, use_sgd, c, max_iter, alpha, mini_batch, batch_number, batch_size, epochs, balance_cell_type, feature_selection, top_genes, seed, n_threads)
+
+#' Write a CellTypist .pkl (celltypist 1.7.1 / scikit-learn 1.6.1 layout) atomically.
+#' `scaler_var` empty = unknown.
+#' @noRd
+rs_celltypist_write <- function(path, classifier, classes, features, n_rows, coef, intercept, scaler_mean, scaler_scale, scaler_var, with_mean, n_samples_seen, c, max_iter, n_iter, alpha, t, description_keys, description_values) .Call(wrap__rs_celltypist_write, path, classifier, classes, features, n_rows, coef, intercept, scaler_mean, scaler_scale, scaler_var, with_mean, n_samples_seen, c, max_iter, n_iter, alpha, t, description_keys, description_values)
+
 #' Exact kNN of query cells among reference cells and scArches' weighted vote.
 #' Embeddings are cells x dims, column-major. `codes` holds `n_cols` label columns one
 #' after the other (0-based codes in sorted label order); `n_levels` their level counts.

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS="r-base-dev r-cran-matrix r-cran-ggplot2 r-cran-rlang r-cran-testthat r-cran-jsonlite
+PKGS="r-base-dev r-cran-matrix r-cran-ggplot2 r-cran-rlang r-cran-testthat r-cran-jsonlite r-cran-igraph r-cran-irlba r-cran-processx
       r-cran-knitr r-cran-rmarkdown r-cran-roxygen2 r-cran-seuratobject
       r-bioc-singlecellexperiment r-cran-uwot pandoc pkg-config libhdf5-dev"
 missing=""

@@ -143,8 +143,6 @@ test_that("input checks follow CellTypist and say how to fix the data", {
   bad <- m
   rownames(bad) <- tolower(rownames(bad))
   expect_error(annotate_celltypist(bad, model), class = "scannot_error_input")
-  expect_error(annotate_celltypist(m, model, majority_voting = TRUE),
-               class = "scannot_error_over_clustering")
   expect_error(annotate_celltypist(m, model, majority_voting = TRUE, over_clustering = 1:3),
                class = "scannot_error_over_clustering")
   expect_warning(r <- annotate_celltypist(m[, 1:40], model, majority_voting = TRUE,
@@ -166,4 +164,58 @@ test_that("malformed, truncated and foreign pickles give scannot errors", {
   writeBin(as.raw(c(0x80, 0x02, 0x63, charToRaw("os\nsystem\n"), 0x58, 0x04, 0, 0, 0,
                     charToRaw("true"), 0x85, 0x52, 0x2e)), f)
   expect_error(load_celltypist_model(f), class = "scannot_error_format")
+})
+
+test_that("majority voting without over_clustering builds a seeded clustering", {
+  skip_if_not_installed("igraph")
+  m <- ct_query()
+  model <- load_celltypist_model(ct_file("lr.pkl"))
+  set.seed(99)
+  before <- stats::runif(1)
+  set.seed(99)
+  a <- annotate_celltypist(m, model, majority_voting = TRUE)
+  expect_identical(stats::runif(1), before)  # the caller's RNG stream is left alone
+  b <- annotate_celltypist(m, model, majority_voting = TRUE, n_threads = 1)
+  expect_identical(a, b)
+  expect_true(all(c("over_clustering", "majority_voting") %in% names(a)))
+  k <- length(unique(a$over_clustering))
+  expect_gt(k, 5)
+  expect_lt(k, ncol(m) / 2)
+  # the vote is CellTypist's vote on that clustering
+  v <- annotate_celltypist(m, model, majority_voting = TRUE, over_clustering = a$over_clustering)
+  expect_identical(v$majority_voting, a$majority_voting)
+  # clusters follow the cell types: the vote agrees with most per-cell predictions
+  expect_gt(mean(as.character(a$majority_voting) == as.character(a$predicted_labels)), 0.7)
+  # the given column still gives CellTypist's golden vote
+  g <- annotate_celltypist(m, model, majority_voting = TRUE, over_clustering = oc())
+  expect_identical(as.character(g$majority_voting), ct_gold("lr", "best")$majority_voting)
+  expect_identical(celltypist_resolution(c(4999)), 5)
+  expect_identical(vapply(c(5000, 19999, 20000, 39999, 99999, 100000, 199999, 200000),
+                          celltypist_resolution, numeric(1)), c(10, 10, 15, 15, 20, 25, 25, 30))
+})
+
+test_that("automatic over-clustering uses a Seurat object's own neighbour graph", {
+  skip_if_not_installed("igraph")
+  skip_if_not_installed("SeuratObject")
+  m <- ct_query()
+  m <- m[!duplicated(rownames(m)), ]
+  model <- load_celltypist_model(ct_file("lr.pkl"))
+  seu <- SeuratObject::CreateSeuratObject(counts = m)
+  seu <- SeuratObject::SetAssayData(seu, slot = "data", new.data = m)
+  # a graph with two disconnected halves: clusters never mix them
+  n <- ncol(m)
+  half <- rep(1:2, length.out = n)
+  i <- unlist(lapply(seq_len(n), function(c) {
+    same <- which(half == half[c])
+    same[(match(c, same) + 0:4) %% length(same) + 1L]
+  }))
+  adj <- Matrix::sparseMatrix(i = rep(seq_len(n), each = 5), j = i, x = 1, dims = c(n, n),
+                              dimnames = list(colnames(m), colnames(m)))
+  adj <- methods::as(adj + Matrix::t(adj), "CsparseMatrix")
+  gr <- SeuratObject::as.Graph(adj)
+  SeuratObject::DefaultAssay(gr) <- "RNA"
+  seu[["RNA_snn"]] <- gr
+  r <- suppressWarnings(annotate_celltypist(seu, model, majority_voting = TRUE))
+  tab <- table(r$celltypist_over_clustering, half)
+  expect_true(all(rowSums(tab > 0) == 1))
 })

@@ -13,6 +13,7 @@ use scannot_core::matrix::{CscView, DenseView, ExprMatrix};
 use scannot_core::{ScError, ScResult};
 
 mod celltypist;
+mod celltypist_train;
 mod convert;
 mod h5ad;
 mod knn;
@@ -215,6 +216,7 @@ extendr_module! {
     mod scannot;
     use wilcoxon;
     use celltypist;
+    use celltypist_train;
     use knn;
     use h5ad;
     use scvi;

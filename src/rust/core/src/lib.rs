@@ -4,6 +4,7 @@
 //! memory ([`matrix::ExprMatrix`]) and returns owned results or a [`error::ScError`].
 
 pub mod celltypist;
+pub mod celltypist_train;
 pub mod dotplot;
 pub mod error;
 pub mod h5ad;

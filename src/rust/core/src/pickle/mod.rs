@@ -21,6 +21,7 @@
 
 pub mod numpy;
 mod vm;
+pub mod writer;
 
 use crate::error::{ScError, ScResult};
 use std::borrow::Cow;
