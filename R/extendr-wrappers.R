@@ -100,7 +100,7 @@ rs_scvi_loaded <- function(ptr) .Call(wrap__rs_scvi_loaded, ptr)
 #' Encoder latent mean and variance (cells x latent, column-major) of raw counts aligned to
 #' the model's genes. `batch` holds 0-based codes (may be empty when the encoder ignores
 #' batch); `cats` a list of 0-based code vectors, `conts` a list of double vectors, in the
-#' model's covariate order.
+#' model's covariate order. `non_integer`: some count is not a whole number.
 #' @noRd
 rs_scvi_latent <- function(ptr, p, i, x, nrow, ncol, dense, batch, cats, conts, batch_size, n_threads) .Call(wrap__rs_scvi_latent, ptr, p, i, x, nrow, ncol, dense, batch, cats, conts, batch_size, n_threads)
 

@@ -316,3 +316,34 @@ test_that("corrupt, foreign and legacy model files give classed errors, never a 
   dir.create(empty)
   expect_error(load_scvi_model(empty), "no model.pt", class = "scannot_error_input")
 })
+
+test_that("knn_transfer picks the scVI latent as stored by scvi_latent (Seurat 'scvi', SCE 'X_scVI')", {
+  skip_if_not(has_seurat() && has_sce())
+  x <- sv_counts()
+  obs <- sv_obs()
+  model <- load_scvi_model(sv_file("scarches"))
+  ref_cells <- 1:200
+  qry_cells <- 201:300
+  # matrices: the reference answer
+  zr <- scvi_latent(x[, ref_cells], model, batch_key = obs$batch[ref_cells])
+  zq <- scvi_latent(x[, qry_cells], model, batch_key = obs$batch[qry_cells])
+  lab <- data.frame(cond = obs$cond[ref_cells])
+  want <- knn_transfer(zq, zr, "cond", k = 15, reference_labels = lab)
+  # objects that also hold a second reduction, so the latent must be found by name
+  other <- matrix(stats::rnorm(300 * 3), 300, 3, dimnames = list(colnames(x), paste0("PC_", 1:3)))
+  seu <- SeuratObject::CreateSeuratObject(counts = x, meta.data = obs)
+  seu[["pca"]] <- SeuratObject::CreateDimReducObject(embeddings = other, key = "PC_", assay = "RNA")
+  seu <- scvi_latent(seu, model)
+  got <- knn_transfer(seu[, qry_cells], seu[, ref_cells], "cond", k = 15)
+  expect_identical(unname(got$cond_transfer), want$cond_transfer)
+  expect_equal(unname(got$cond_uncertainty), want$cond_uncertainty, tolerance = 1e-12)
+  sce <- SingleCellExperiment::SingleCellExperiment(assays = list(counts = x), colData = obs,
+                                                    reducedDims = list(PCA = other))
+  sce <- scvi_latent(sce, model)
+  got2 <- knn_transfer(sce[, qry_cells], sce[, ref_cells], "cond", k = 15)
+  expect_identical(got2$cond_transfer, want$cond_transfer)
+  expect_equal(got2$cond_uncertainty, want$cond_uncertainty, tolerance = 1e-12)
+  # named explicitly too
+  got3 <- knn_transfer(sce[, qry_cells], sce[, ref_cells], "cond", k = 15, use_rep = "X_scVI")
+  expect_identical(got3$cond_transfer, want$cond_transfer)
+})

@@ -119,7 +119,7 @@ fn codes(v: &Robj, what: &str) -> ScResult<Vec<u32>> {
 /// Encoder latent mean and variance (cells x latent, column-major) of raw counts aligned to
 /// the model's genes. `batch` holds 0-based codes (may be empty when the encoder ignores
 /// batch); `cats` a list of 0-based code vectors, `conts` a list of double vectors, in the
-/// model's covariate order.
+/// model's covariate order. `non_integer`: some count is not a whole number.
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -168,13 +168,16 @@ fn rs_scvi_latent(
             .ok()
             .filter(|&b| b > 0)
             .ok_or_else(|| ScError::Input("batch_size must be a whole number >= 1".into()))?;
+        // scVI takes raw counts: flag non-whole values (normalised data) for a warning
+        let non_integer = x.iter().any(|v| v.fract() != 0.0);
         let enc = &h.encoder;
         let out = threads(n_threads, || enc.latent_blocked(&m, &cov, block))??;
         Ok(list!(
             mean = out.mean,
             var = out.var,
             n_cells = out.n_cells as i32,
-            n_latent = out.n_latent as i32
+            n_latent = out.n_latent as i32,
+            non_integer = non_integer
         ))
     })
 }
