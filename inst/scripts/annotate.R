@@ -1,67 +1,35 @@
-# scannot's main job: the annotation workflow on the embedded default data (a seeded
-# simulated PBMC-like dataset with real marker symbols and two batches), or on your own
-# .rds (Seurat / SingleCellExperiment) file.
+# scannot's main job: the whole annotation workflow (markers -> manual labels -> Wilcoxon
+# markers -> CellTypist with majority voting -> scVI mapping -> kNN label transfer ->
+# joint UMAP -> plots and an HTML report) on the embedded default data (a seeded
+# simulated PBMC-like dataset with real marker symbols and two batches, with the small
+# CellTypist and scVI reference models shipped in inst/extdata), or on your own data.
 #
-#   Rscript inst/scripts/annotate.R [out_dir] [input.rds group_by]
+#   Rscript inst/scripts/annotate.R [out_dir] [input.rds|input.h5ad [group_by]]
+#       [--celltypist=model.pkl] [--scvi=scvi_model_dir] [--reference-embedding=latent.csv]
+#       [--reference=reference.rds] [--label=cell_type] [--cells=N] [--no-resume]
 #
-# Writes: dotplot.csv, dotplot.png, top_markers.csv, top_markers_dotplot.png, labels.csv,
-# annotated.rds, and a line per step with its timing.
+# Writes into out_dir: report.html, annotated.rds, labels.csv, top_markers.csv,
+# dotplot.csv, plots/*.png, steps.csv and checkpoints/ (a rerun resumes after the last
+# finished step); prints a line per step with its timing.
 args <- commandArgs(trailingOnly = TRUE)
-out <- if (length(args) >= 1) args[1] else "scannot-out"
-dir.create(out, showWarnings = FALSE, recursive = TRUE)
+flags <- grepl("^--", args)
+opt <- function(name, default = NULL) {
+  hit <- grep(paste0("^--", name, "="), args[flags], value = TRUE)
+  if (length(hit)) sub("^[^=]*=", "", hit[1]) else default
+}
+pos <- args[!flags]
+out <- if (length(pos) >= 1) pos[1] else "scannot-out"
 suppressPackageStartupMessages(library(scannot))
-
-step <- function(name, expr) {
-  t0 <- proc.time()[["elapsed"]]
-  val <- force(expr)
-  cat(sprintf("[scannot] %-34s %7.2f s\n", name, proc.time()[["elapsed"]] - t0))
-  invisible(val)
-}
-
-cell_metadata_of <- function(o) {
-  if (inherits(o, "Seurat")) o[[]] else as.data.frame(SummarizedExperiment::colData(o))
-}
-
-if (length(args) >= 3) {
-  obj <- step(paste("read", args[2]), readRDS(args[2]))
-  group_by <- args[3]
-} else {
-  obj <- step("simulate default data (28.9k cells)",
-              simulate_counts(n_cells = 28911, n_genes = 15674, n_types = 8, n_batches = 2,
-                              seed = 2026))
-  group_by <- "cell_type"
-}
-markers <- list(
-  T = c("CD3D", "CD3E", "IL7R"), CD8 = c("CD8A", "CD8B"), NK = c("GNLY", "NKG7"),
-  B = c("MS4A1", "CD79A"), Mono = c("CD14", "LYZ", "FCGR3A"), DC = c("FCER1A", "CST3"),
-  Epithelial = c("EPCAM", "KRT18"), Endothelial = c("PECAM1", "VWF"),
-  Fibroblast = c("COL1A2", "DCN"), Immune = "PTPRC"
+wf_args <- list(
+  object = if (length(pos) >= 2) pos[2] else NULL,
+  out_dir = out,
+  group_by = if (length(pos) >= 3) pos[3] else NULL,
+  resume = !"--no-resume" %in% args,
+  reference = opt("reference"),
+  reference_label = opt("label", "cell_type")
 )
-markers <- step("markers_in_data", markers_in_data(markers, obj))
-d <- step("dotplot_data", dotplot_data(obj, markers, group_by, standard_scale = "var"))
-utils::write.csv(d, file.path(out, "dotplot.csv"), row.names = FALSE)
-p <- step("plot_dotplot", plot_dotplot(d, title = "Marker genes"))
-step("save dotplot.png", ggplot2::ggsave(file.path(out, "dotplot.png"), p, width = 10,
-                                         height = 4.5, dpi = 100))
-# Wilcoxon markers (scanpy flavour), filtered as scanpy's filter_rank_genes_groups
-wx <- step("find_markers (Wilcoxon, all genes)", find_markers(obj, group_by))
-top <- step("filter_markers + top_markers", top_markers(filter_markers(wx), n = 5))
-utils::write.csv(top, file.path(out, "top_markers.csv"), row.names = FALSE)
-step("save top_markers_dotplot.png", ggplot2::ggsave(
-  file.path(out, "top_markers_dotplot.png"),
-  plot_marker_dotplot(obj, filter_markers(wx), n = 5, group_by = group_by, standard_scale = "var"),
-  width = 14, height = 4.5, dpi = 100))
-# a data-driven cluster -> label map: each group takes the marker set it expresses most
-top <- tapply(d$color, list(d$group, d$marker_set), mean)
-mapping <- stats::setNames(colnames(top)[apply(top, 1, which.max)], rownames(top))
-obj <- step("label_clusters", label_clusters(obj, group_by, mapping, new_col = "marker_label"))
-labels <- data.frame(cell = colnames(obj), group = cell_metadata_of(obj)[[group_by]],
-                     marker_label = cell_metadata_of(obj)$marker_label)
-utils::write.csv(labels, file.path(out, "labels.csv"), row.names = FALSE)
-step("save annotated.rds", {
-  con <- gzfile(file.path(out, "annotated.rds"), "wb", compression = 1)
-  saveRDS(obj, con)
-  close(con)
-})
-print(mapping)
-cat(sprintf("[scannot] done: results in %s\n", normalizePath(out)))
+if (!is.null(opt("celltypist"))) wf_args$celltypist_model <- opt("celltypist")
+if (!is.null(opt("scvi"))) wf_args$scvi_model <- opt("scvi")
+if (!is.null(opt("reference-embedding"))) wf_args$reference_embedding <- opt("reference-embedding")
+if (!is.null(opt("cells"))) wf_args$default_cells <- as.numeric(opt("cells"))
+res <- do.call(run_annotation_workflow, wf_args)
