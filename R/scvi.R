@@ -581,13 +581,22 @@ scvi_latent_run <- function(object, model, batch_key, assay, layer, give_mean,
                               if (enc_batch) q$batch else integer(), unname(cats),
                               unname(q$continuous), as.integer(batch_size), n_threads),
                call = call)
-  if (isTRUE(r$non_integer)) {
-    rlang::warn("The data are not whole numbers: scVI models take raw counts (Seurat layer \"counts\", SingleCellExperiment assay \"counts\"); normalised data give a wrong latent.",
-                class = "scannot_warning_counts")
-  }
+  if (isTRUE(r$non_integer)) warn_not_counts()
   dn <- list(q$cells, paste0("scVI_", seq_len(r$n_latent)))
   mean <- matrix(r$mean, r$n_cells, r$n_latent, dimnames = dn)
   var <- matrix(r$var, r$n_cells, r$n_latent, dimnames = dn)
   latent <- if (give_mean) mean else mean + sqrt(var) * stats::rnorm(length(mean))
   list(latent = latent, variance = var)
+}
+
+# scVI models take raw counts: warn when the data are not whole numbers.
+warn_not_counts <- function() {
+  rlang::warn("The data are not whole numbers: scVI models take raw counts (Seurat layer \"counts\", SingleCellExperiment assay \"counts\"); normalised data give a wrong latent.",
+              class = "scannot_warning_counts")
+}
+
+check_counts <- function(x, call) {
+  v <- if (methods::is(x, "dgCMatrix")) x@x else x
+  if (length(v) && any(v != round(v), na.rm = TRUE)) warn_not_counts()
+  invisible(x)
 }

@@ -145,6 +145,8 @@ default_markers <- function() {
 #'   pandoc).
 #' @param default_cells Number of cells of the default data (100 to 50,000).
 #' @param umap_cells At most this many query cells go into the joint UMAP.
+#' @param scvi_epochs Epochs of scArches query training in the scVI step (`NULL`: the
+#'   scvi-tools heuristic, at most 400, with early stopping).
 #' @param seed Random seed (clustering, UMAP, subsampling).
 #' @param n_threads Threads (default: option `scannot.threads`, else all cores).
 #' @param quiet Suppress the progress lines.
@@ -171,8 +173,8 @@ run_annotation_workflow <- function(object = NULL, out_dir = "scannot-out", grou
                                     reference = NULL, reference_label = "cell_type",
                                     batch_key = "batch", unknown_threshold = 0.5, k = 30,
                                     resume = TRUE, report = TRUE, default_cells = 28911,
-                                    umap_cells = 8000, seed = 2026, n_threads = NULL,
-                                    quiet = FALSE) {
+                                    umap_cells = 8000, scvi_epochs = NULL, seed = 2026,
+                                    n_threads = NULL, quiet = FALSE) {
   call <- rlang::current_env()
   n_threads <- scannot_threads(n_threads)
   check_flag(resume); check_flag(report); check_flag(quiet)
@@ -206,6 +208,8 @@ run_annotation_workflow <- function(object = NULL, out_dir = "scannot-out", grou
               reference_label = check_string(reference_label), batch_key = batch_key,
               unknown_threshold = unknown_threshold, k = check_number(k), group_by = group_by,
               umap_cells = check_number(umap_cells), seed = check_number(seed),
+              scvi_epochs = if (!is.null(scvi_epochs)) check_number(scvi_epochs),
+              quiet = quiet,
               n_threads = n_threads, call = call)
   file_id <- function(f) {
     if (is.character(f) && length(f) == 1L && file.exists(f)) {
@@ -222,7 +226,7 @@ run_annotation_workflow <- function(object = NULL, out_dir = "scannot-out", grou
     markers = list(markers, group_by),
     wilcoxon = list(),
     celltypist = list(file_id(celltypist_model)),
-    scvi = list(file_id(scvi_model), batch_key, scvi_capability()),
+    scvi = list(file_id(scvi_model), batch_key, scvi_capability(), scvi_epochs),
     transfer = list(file_id(reference_embedding), file_id(reference), reference_label,
                     unknown_threshold, k),
     joint_umap = list(umap_cells, seed)
@@ -589,11 +593,6 @@ scvi_capability <- function() {
 }
 
 # Call f with the positional args and those named args f accepts explicitly.
-call_accepting <- function(f, positional, named) {
-  fm <- names(formals(f))
-  do.call(f, c(positional, named[names(named) %in% fm]))
-}
-
 # The query's latent in the scVI reference model's space, or NULL with a note.
 workflow_scvi <- function(obj, ctx) {
   cap <- scvi_capability()
@@ -610,9 +609,16 @@ workflow_scvi <- function(obj, ctx) {
   if (is.character(model) && exists("load_scvi_model", ns)) {
     model <- tryCatch(get("load_scvi_model", ns)(model), error = function(e) model)
   }
-  named <- list(batch_key = ctx$batch_key, n_threads = ctx$n_threads, seed = ctx$seed)
-  f <- get(cap, ns)
-  r <- tryCatch(call_accepting(f, list(obj, model), named), error = function(e) e)
+  bk <- if (!is.null(ctx$batch_key) && ctx$batch_key %in% names(cell_metadata(obj)))
+    ctx$batch_key else NULL
+  r <- tryCatch(
+    if (cap == "scvi_map_query") {
+      scvi_map_query(obj, model, batch_key = bk, max_epochs = ctx$scvi_epochs,
+                     seed = ctx$seed, n_threads = ctx$n_threads, progress = !ctx$quiet)
+    } else {
+      scvi_latent(obj, model, batch_key = bk, n_threads = ctx$n_threads)
+    },
+    error = function(e) e)
   if (inherits(r, "error")) {
     rlang::warn(sprintf("The scVI step (%s) failed: %s; the label transfer uses a joint PCA instead.",
                         cap, conditionMessage(r)), class = "scannot_warning_workflow")
