@@ -297,6 +297,7 @@ run_annotation_workflow <- function(object = NULL, out_dir = "scannot-out", grou
   invisible(out)
 }
 
+#' @method print scannot_workflow
 #' @export
 print.scannot_workflow <- function(x, ...) {
   cat(sprintf("<scannot workflow> %d cells, results in %s\n", ncol(x$object), x$out_dir))
@@ -726,7 +727,7 @@ workflow_results <- function(obj, state, ctx, inp) {
   e <- get_expression(obj)$matrix
   feat <- unique(vapply(state$markers$markers[lengths(state$markers$markers) > 0L],
                         `[`, character(1), 1))
-  feat <- head(feat, 9)
+  feat <- utils::head(feat, 9)
   expr <- as.matrix(Matrix::t(e[feat, , drop = FALSE]))
   list(cells = cells, marker_expression = expr, dotplot = state$markers$dotplot,
        mapping = state$markers$mapping, group_by = state$markers$group_by,
