@@ -155,44 +155,36 @@ impl Layer {
 /// `c (m x n) = a (m x k) * W^T + beta c` with W stored `n x k` (torch layout); rows of `a`
 /// split over the rayon pool.
 fn gemm_xwt(m: usize, k: usize, n: usize, a: &[f32], w: &[f32], c: &mut [f32], beta: f32) {
-    let chunk = m.div_ceil(rayon::current_num_threads().max(1)).max(8);
-    c[..m * n]
-        .par_chunks_mut(chunk * n)
-        .zip(a[..m * k].par_chunks(chunk * k))
-        .for_each(|(cc, aa)| {
-            let rows = cc.len() / n;
-            // SAFETY: the slices hold rows x k, k x n (strided view of w) and rows x n values.
-            unsafe {
-                matrixmultiply::sgemm(
-                    rows,
-                    k,
-                    n,
-                    1.0,
-                    aa.as_ptr(),
-                    k as isize,
-                    1,
-                    w.as_ptr(),
-                    1,
-                    k as isize,
-                    beta,
-                    cc.as_mut_ptr(),
-                    n as isize,
-                    1,
-                );
-            }
-        });
+    gemm_rows(m, k, n, a, w, (1, k as isize), c, beta);
 }
 
 /// `c (m x n) = a (m x k) * W + beta c` with W stored `k x n` (torch layout of a layer with
 /// k outputs and n inputs).
 fn gemm_xw(m: usize, k: usize, n: usize, a: &[f32], w: &[f32], c: &mut [f32], beta: f32) {
+    gemm_rows(m, k, n, a, w, (n as isize, 1), c, beta);
+}
+
+/// `c (m x n) = a (m x k) * B + beta c` where `B (k x n)` is read from `w` with the given
+/// (row, column) strides; rows of `a` split over the rayon pool.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    w: &[f32],
+    (rsw, csw): (isize, isize),
+    c: &mut [f32],
+    beta: f32,
+) {
+    debug_assert!(w.len() >= k * n);
     let chunk = m.div_ceil(rayon::current_num_threads().max(1)).max(8);
     c[..m * n]
         .par_chunks_mut(chunk * n)
         .zip(a[..m * k].par_chunks(chunk * k))
         .for_each(|(cc, aa)| {
             let rows = cc.len() / n;
-            // SAFETY: as in gemm_xwt.
+            // SAFETY: the slices hold rows x k, k x n (a strided view of w) and rows x n values.
             unsafe {
                 matrixmultiply::sgemm(
                     rows,
@@ -203,8 +195,8 @@ fn gemm_xw(m: usize, k: usize, n: usize, a: &[f32], w: &[f32], c: &mut [f32], be
                     k as isize,
                     1,
                     w.as_ptr(),
-                    n as isize,
-                    1,
+                    rsw,
+                    csw,
                     beta,
                     cc.as_mut_ptr(),
                     n as isize,
