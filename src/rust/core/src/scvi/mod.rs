@@ -4,7 +4,9 @@
 //! likelihood in [`loss`]).
 
 pub mod loss;
+mod loss_avx2;
 pub mod model_file;
+pub(crate) mod simd;
 pub mod train;
 pub mod vae;
 

@@ -22,21 +22,30 @@
 //! covariates. Noise comes from a seeded ChaCha RNG, not torch's, so runs agree with
 //! scvi-tools in distribution (ELBO, latent geometry), not bit for bit.
 
-use super::loss::{cell_loss_grad, lgamma_const, CellCounts, Dispersion};
+use super::loss::{cell_loss_grad, CellCounts, Dispersion, LossScratch};
 use super::model_file::{ScviModelFile, Tensor};
-use super::vae::LatentOutput;
+use super::vae::{panels, sparse_rows, LatentOutput, PANEL};
 use crate::error::{ScError, ScResult};
 use crate::matrix::ExprMatrix;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 const LN_EPS: f32 = 1e-5;
 const VAR_EPS: f32 = 1e-4;
-/// rows of a minibatch per parallel task in the decoder heads
-const HEAD_ROWS: usize = 32;
+/// at least this many rows of a minibatch per parallel task in the decoder heads (the
+/// head GEMM loses efficiency below it)
+const HEAD_ROWS: usize = 16;
+
+thread_local! {
+    /// per-thread head logits (rows x width) and loss scratch, reused across minibatches
+    static HEAD_SCRATCH: RefCell<(Vec<f32>, LossScratch)> = RefCell::new(Default::default());
+}
 
 /// A Linear layer: feature weights (frozen) and one-hot covariate columns (trained).
 #[derive(Debug, Clone)]
@@ -47,6 +56,9 @@ struct Layer {
     w: Vec<f32>,
     /// the transpose, `n_in x n_out`, kept for the sparse first encoder layer
     wt: Vec<f32>,
+    /// the transpose cut into panels of [`PANEL`] outputs (`[panel][input][k]`) when
+    /// `n_out` is a multiple of [`PANEL`] (first encoder layer only; else empty)
+    panels: Vec<f32>,
     b: Vec<f32>,
     /// `n_cov x n_out`: the covariate columns, one row per one-hot column (empty if none)
     wc: Vec<f32>,
@@ -114,11 +126,17 @@ impl Layer {
         } else {
             Vec::new()
         };
+        let panels = if keep_transpose {
+            panels(&wt, n_in, n_out)
+        } else {
+            Vec::new()
+        };
         Ok(Layer {
             n_in,
             n_out,
             w: wf,
             wt,
+            panels,
             b,
             wc,
         })
@@ -178,31 +196,23 @@ fn gemm_rows(
     beta: f32,
 ) {
     debug_assert!(w.len() >= k * n);
+    debug_assert!(beta == 0.0 || beta == 1.0);
+    let accum = if beta == 0.0 {
+        Accum::Replace
+    } else {
+        Accum::Add
+    };
     let chunk = m.div_ceil(rayon::current_num_threads().max(1)).max(8);
     c[..m * n]
         .par_chunks_mut(chunk * n)
         .zip(a[..m * k].par_chunks(chunk * k))
         .for_each(|(cc, aa)| {
             let rows = cc.len() / n;
-            // SAFETY: the slices hold rows x k, k x n (a strided view of w) and rows x n values.
-            unsafe {
-                matrixmultiply::sgemm(
-                    rows,
-                    k,
-                    n,
-                    1.0,
-                    aa.as_ptr(),
-                    k as isize,
-                    1,
-                    w.as_ptr(),
-                    rsw,
-                    csw,
-                    beta,
-                    cc.as_mut_ptr(),
-                    n as isize,
-                    1,
-                );
-            }
+            let av = MatRef::from_row_major_slice(aa, rows, k);
+            // SAFETY: `w` holds k x n values at the given strides (checked above in debug).
+            let bv = unsafe { MatRef::from_raw_parts(w.as_ptr(), k, n, rsw, csw) };
+            let cv = MatMut::from_row_major_slice_mut(cc, rows, n);
+            matmul(cv, accum, av, bv, 1.0f32, Par::Seq);
         });
 }
 
@@ -283,8 +293,8 @@ pub struct QueryData {
     start: Vec<usize>,
     genes: Vec<u32>,
     x: Vec<f32>,
-    /// `log1p(x)` (or x without log_variational): the encoder input
-    xin: Vec<f32>,
+    /// `(gene, log1p(x))` (or x without log_variational): the encoder input
+    xin: Vec<(u32, f32)>,
     lgc: Vec<f64>,
     library: Vec<f32>,
     batch: Vec<u32>,
@@ -662,49 +672,98 @@ impl SurgeryModel {
                 self.n_batch
             )));
         }
+        // lgamma(theta) per gene and lgamma(x + 1) for small integer counts, computed once
+        let lg_theta: Vec<f64> = self
+            .disp
+            .theta
+            .iter()
+            .map(|&t| super::loss::ln_gamma(t as f64))
+            .collect();
+        let lg_fact: Vec<f64> = (0..1024)
+            .map(|k| super::loss::ln_gamma(k as f64 + 1.0))
+            .collect();
+        let lgamma_c = |v: f64, g: usize| -> f64 {
+            let k = v as usize;
+            let lf = if k as f64 == v && k < lg_fact.len() {
+                lg_fact[k]
+            } else {
+                super::loss::ln_gamma(v + 1.0)
+            };
+            super::loss::ln_gamma(v + self.disp.theta[g] as f64) - lg_theta[g] - lf
+        };
+        // per block of cells in parallel: (genes, x, xin, lgc, library, cell starts)
+        type Block = (
+            Vec<u32>,
+            Vec<f32>,
+            Vec<(u32, f32)>,
+            Vec<f64>,
+            Vec<f32>,
+            Vec<usize>,
+        );
+        let blocks: Vec<ScResult<Block>> = (0..n)
+            .collect::<Vec<_>>()
+            .par_chunks(256)
+            .map(|cells| {
+                let (mut genes, mut x, mut xin, mut lgc) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                let (mut library, mut ends) = (Vec::new(), Vec::new());
+                for &j in cells {
+                    let mut lib = 0.0f64;
+                    let mut push = |g: usize, v: f64| -> ScResult<()> {
+                        if !v.is_finite() || v < 0.0 {
+                            return Err(ScError::Value(format!(
+                                "counts must be finite and non-negative, found {v}; scVI \
+                                 takes raw counts"
+                            )));
+                        }
+                        if v > 0.0 {
+                            genes.push(g as u32);
+                            x.push(v as f32);
+                            let xe = if self.log_variational { v.ln_1p() } else { v };
+                            xin.push((g as u32, xe as f32));
+                            lgc.push(lgamma_c(v, g));
+                            lib += v;
+                        }
+                        Ok(())
+                    };
+                    match counts {
+                        ExprMatrix::Csc(m) => {
+                            let (rows, vals) = m.col(j);
+                            for (&g, &v) in rows.iter().zip(vals) {
+                                push(g as usize, v)?;
+                            }
+                        }
+                        ExprMatrix::Dense(m) => {
+                            for (g, &v) in m.col(j).iter().enumerate() {
+                                push(g, v)?;
+                            }
+                        }
+                    }
+                    if lib <= 0.0 {
+                        return Err(ScError::Value(format!(
+                            "cell {} has no counts; scVI needs a positive library size \
+                             (filter empty cells first)",
+                            j + 1
+                        )));
+                    }
+                    library.push(lib as f32);
+                    ends.push(genes.len());
+                }
+                Ok((genes, x, xin, lgc, library, ends))
+            })
+            .collect();
         let mut start = vec![0usize];
         let (mut genes, mut x, mut xin, mut lgc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut library = Vec::with_capacity(n);
-        for j in 0..n {
-            let mut lib = 0.0f64;
-            let mut push = |g: usize, v: f64| -> ScResult<()> {
-                if !v.is_finite() || v < 0.0 {
-                    return Err(ScError::Value(format!(
-                        "counts must be finite and non-negative, found {v}; scVI takes raw \
-                         counts"
-                    )));
-                }
-                if v > 0.0 {
-                    genes.push(g as u32);
-                    x.push(v as f32);
-                    xin.push(if self.log_variational { v.ln_1p() } else { v } as f32);
-                    lgc.push(lgamma_const(v, self.disp.theta[g] as f64));
-                    lib += v;
-                }
-                Ok(())
-            };
-            match counts {
-                ExprMatrix::Csc(m) => {
-                    let (rows, vals) = m.col(j);
-                    for (&g, &v) in rows.iter().zip(vals) {
-                        push(g as usize, v)?;
-                    }
-                }
-                ExprMatrix::Dense(m) => {
-                    for (g, &v) in m.col(j).iter().enumerate() {
-                        push(g, v)?;
-                    }
-                }
-            }
-            if lib <= 0.0 {
-                return Err(ScError::Value(format!(
-                    "cell {} has no counts; scVI needs a positive library size (filter empty \
-                     cells first)",
-                    j + 1
-                )));
-            }
-            library.push(lib as f32);
-            start.push(genes.len());
+        for blk in blocks {
+            let (g, xv, xi, lg, lib, ends) = blk?;
+            let off = genes.len();
+            start.extend(ends.iter().map(|e| e + off));
+            genes.extend(g);
+            x.extend(xv);
+            xin.extend(xi);
+            lgc.extend(lg);
+            library.extend(lib);
         }
         Ok(QueryData {
             n_cells: n,
@@ -728,21 +787,31 @@ impl SurgeryModel {
             let n = l.n_out;
             let mut pre = vec![0.0f32; bsz * n];
             if li == 0 {
-                pre.par_chunks_mut(n)
-                    .zip(cells.par_iter())
-                    .for_each(|(o, &j)| {
-                        o.copy_from_slice(&l.b);
-                        let r = data.start[j]..data.start[j + 1];
-                        for (&g, &v) in data.genes[r.clone()].iter().zip(&data.xin[r]) {
-                            let row = &l.wt[g as usize * n..(g as usize + 1) * n];
-                            for (a, w) in o.iter_mut().zip(row) {
-                                *a += v * w;
+                // cells split over the threads; within a thread, panel by panel so that a
+                // cache-sized slice of the weights serves all its cells
+                let per = bsz.div_ceil(rayon::current_num_threads().max(1)).max(1);
+                pre.par_chunks_mut(per * n)
+                    .zip(cells.par_chunks(per))
+                    .for_each(|(oc, cc)| {
+                        for (o, &j) in oc.chunks_mut(n).zip(cc) {
+                            o.copy_from_slice(&l.b);
+                            if !l.wc.is_empty() {
+                                let c = data.batch[j] as usize;
+                                for (a, w) in o.iter_mut().zip(&l.wc[c * n..(c + 1) * n]) {
+                                    *a += w;
+                                }
                             }
                         }
-                        if !l.wc.is_empty() {
-                            let c = data.batch[j] as usize;
-                            for (a, w) in o.iter_mut().zip(&l.wc[c * n..(c + 1) * n]) {
-                                *a += w;
+                        let nz = |j: usize| &data.xin[data.start[j]..data.start[j + 1]];
+                        if l.panels.is_empty() {
+                            for (o, &j) in oc.chunks_mut(n).zip(cc) {
+                                sparse_rows(o, &l.wt, nz(j));
+                            }
+                        } else {
+                            for (pi, panel) in l.panels.chunks_exact(l.n_in * PANEL).enumerate() {
+                                for (o, &j) in oc.chunks_mut(n).zip(cc) {
+                                    sparse_rows(&mut o[pi * PANEL..(pi + 1) * PANEL], panel, nz(j));
+                                }
                             }
                         }
                     });
@@ -817,62 +886,47 @@ impl SurgeryModel {
         let scale = 1.0 / bsz as f32;
         let mut rec = vec![0.0f64; bsz];
         let mut dh = vec![0.0f32; bsz * hd];
-        rec.par_chunks_mut(HEAD_ROWS)
-            .zip(dh.par_chunks_mut(HEAD_ROWS * hd))
-            .zip(hdec.par_chunks(HEAD_ROWS * hd))
-            .zip(cells.par_chunks(HEAD_ROWS))
+        let rows_per_task = bsz
+            .div_ceil(rayon::current_num_threads().max(1))
+            .max(HEAD_ROWS);
+        rec.par_chunks_mut(rows_per_task)
+            .zip(dh.par_chunks_mut(rows_per_task * hd))
+            .zip(hdec.par_chunks(rows_per_task * hd))
+            .zip(cells.par_chunks(rows_per_task))
             .for_each(|(((rc, dhc), hc), cc)| {
-                let rows = cc.len();
-                let mut logits = vec![0.0f32; rows * width];
-                for row in logits.chunks_mut(width) {
-                    row.copy_from_slice(&self.heads_b);
-                }
-                // SAFETY: hc is rows x hd, heads_w is width x hd, logits rows x width.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        rows,
-                        hd,
-                        width,
-                        1.0,
-                        hc.as_ptr(),
-                        hd as isize,
-                        1,
-                        self.heads_w.as_ptr(),
-                        1,
-                        hd as isize,
-                        1.0,
-                        logits.as_mut_ptr(),
-                        width as isize,
-                        1,
+                HEAD_SCRATCH.with(|cell| {
+                    let (logits, scratch) = &mut *cell.borrow_mut();
+                    let rows = cc.len();
+                    logits.resize(rows * width, 0.0);
+                    let logits = &mut logits[..rows * width];
+                    for row in logits.chunks_mut(width) {
+                        row.copy_from_slice(&self.heads_b);
+                    }
+                    let wv = MatRef::from_row_major_slice(&self.heads_w, width, hd);
+                    matmul(
+                        MatMut::from_row_major_slice_mut(logits, rows, width),
+                        Accum::Add,
+                        MatRef::from_row_major_slice(hc, rows, hd),
+                        wv.transpose(),
+                        1.0f32,
+                        Par::Seq,
                     );
-                }
-                let mut s = vec![0.0f32; g];
-                for ((row, r), &j) in logits.chunks_mut(width).zip(rc.iter_mut()).zip(cc) {
-                    let (a, pi) = row.split_at_mut(g);
-                    let pi = if self.zinb { Some(pi) } else { None };
-                    *r = cell_loss_grad(a, pi, &mut s, &data.cell(j), &self.disp, scale);
-                }
-                if grad {
-                    // SAFETY: logits rows x width, heads_w width x hd, dhc rows x hd.
-                    unsafe {
-                        matrixmultiply::sgemm(
-                            rows,
-                            width,
-                            hd,
-                            1.0,
-                            logits.as_ptr(),
-                            width as isize,
-                            1,
-                            self.heads_w.as_ptr(),
-                            hd as isize,
-                            1,
-                            0.0,
-                            dhc.as_mut_ptr(),
-                            hd as isize,
-                            1,
+                    for ((row, r), &j) in logits.chunks_mut(width).zip(rc.iter_mut()).zip(cc) {
+                        let (a, pi) = row.split_at_mut(g);
+                        let pi = if self.zinb { Some(pi) } else { None };
+                        *r = cell_loss_grad(a, pi, scratch, &data.cell(j), &self.disp, scale);
+                    }
+                    if grad {
+                        matmul(
+                            MatMut::from_row_major_slice_mut(dhc, rows, hd),
+                            Accum::Replace,
+                            MatRef::from_row_major_slice(logits, rows, width),
+                            wv,
+                            1.0f32,
+                            Par::Seq,
                         );
                     }
-                }
+                })
             });
         let reconstruction_sum = rec.iter().sum();
         let kl_sum = kl.iter().sum();

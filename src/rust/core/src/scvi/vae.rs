@@ -23,7 +23,7 @@ const VAR_EPS: f64 = 1e-4;
 /// counts below this (whole numbers) take their transform from a table
 const LOG_TABLE: usize = 4096;
 /// outputs per weight panel of the blocked first layer (the register block of the kernel)
-const PANEL: usize = 32;
+pub(crate) const PANEL: usize = 32;
 /// genes per chunk of the blocked first layer: a panel chunk is 1024 x 32 f32 = 128 KiB
 const GENE_CHUNK: usize = 1024;
 
@@ -138,7 +138,7 @@ pub struct ScviEncoder {
 /// The first `n_genes` rows of a transposed weight (`rows x n_out`, row-major) cut into
 /// panels of [`PANEL`] columns, `[panel][gene][k]`; empty if `n_out` is not a multiple of
 /// [`PANEL`].
-fn panels(wt: &[f32], n_genes: usize, n_out: usize) -> Vec<f32> {
+pub(crate) fn panels(wt: &[f32], n_genes: usize, n_out: usize) -> Vec<f32> {
     if n_out == 0 || n_out % PANEL != 0 {
         return Vec::new();
     }
@@ -168,8 +168,29 @@ fn sparse_rows_body<const FUSED: bool>(y: &mut [f32], w: &[f32], nz: &[(u32, f32
     let n = y.len();
     let mut c0 = 0;
     while c0 + C <= n {
+        // two independent accumulator sets (even / odd non-zeros) keep twice as many FMA
+        // chains in flight as one would
         let mut acc = [0.0f32; C];
-        for &(g, v) in nz {
+        let mut acc2 = [0.0f32; C];
+        let mut pairs = nz.chunks_exact(2);
+        for pr in &mut pairs {
+            let (g, v) = pr[0];
+            let (g2, v2) = pr[1];
+            let off = g as usize * n + c0;
+            let off2 = g2 as usize * n + c0;
+            let row: &[f32; C] = w[off..off + C].try_into().expect("row chunk");
+            let row2: &[f32; C] = w[off2..off2 + C].try_into().expect("row chunk");
+            for k in 0..C {
+                if FUSED {
+                    acc[k] = v.mul_add(row[k], acc[k]);
+                    acc2[k] = v2.mul_add(row2[k], acc2[k]);
+                } else {
+                    acc[k] += v * row[k];
+                    acc2[k] += v2 * row2[k];
+                }
+            }
+        }
+        for &(g, v) in pairs.remainder() {
             let off = g as usize * n + c0;
             let row: &[f32; C] = w[off..off + C].try_into().expect("row chunk");
             for k in 0..C {
@@ -180,8 +201,8 @@ fn sparse_rows_body<const FUSED: bool>(y: &mut [f32], w: &[f32], nz: &[(u32, f32
                 };
             }
         }
-        for (o, a) in y[c0..c0 + C].iter_mut().zip(acc) {
-            *o += a;
+        for ((o, a), a2) in y[c0..c0 + C].iter_mut().zip(acc).zip(acc2) {
+            *o += a + a2;
         }
         c0 += C;
     }
@@ -201,11 +222,10 @@ unsafe fn sparse_rows_avx2(y: &mut [f32], w: &[f32], nz: &[(u32, f32)]) {
     sparse_rows_body::<true>(y, w, nz)
 }
 
-fn sparse_rows(y: &mut [f32], w: &[f32], nz: &[(u32, f32)]) {
+pub(crate) fn sparse_rows(y: &mut [f32], w: &[f32], nz: &[(u32, f32)]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if super::simd::avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA (checked just above)
             return unsafe { sparse_rows_avx2(y, w, nz) };
         }
