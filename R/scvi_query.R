@@ -40,6 +40,17 @@
 #' @param n_threads Number of threads (see [scannot_threads()]).
 #' @param progress Show a progress bar (one step per epoch).
 #' @param by,min_fraction Gene matching, see [align_to_reference()].
+#' @param save_dir `NULL`, or a folder to save the trained query model in, as scvi-tools'
+#'   `model.save(save_dir)` does (`model.pt`; the folder is created). It loads with
+#'   [load_scvi_model()] and with `scvi.model.SCVI.load(save_dir, adata = query)` in
+#'   Python (the query's batch column named as the reference's `batch_key`). The file holds
+#'   the reference's weights with the batch columns of the query (scvi-tools' layout after
+#'   `load_query_data()` + `train()`), the query's registry (batch categories extended,
+#'   number of cells), `is_trained_ = True`, the train / validation cells and the training
+#'   history (`model.history`: `elbo_train`, `reconstruction_loss_train`, ... as pandas
+#'   data frames by epoch). A model interrupted by Ctrl-C is saved as trained so far.
+#' @param overwrite Replace a `model.pt` already in `save_dir`; otherwise that is a
+#'   `scannot_error_file` error, raised before training.
 #' @param name Name of the stored reduction: Seurat DimReduc (default `"scvi"`, key
 #'   `"scVI_"`), SingleCellExperiment `reducedDim` (default `"X_scVI"`).
 #' @param assay,layer Seurat: assay and layer (default `"counts"`); SingleCellExperiment:
@@ -48,7 +59,8 @@
 #'   per epoch: `epoch`, `kl_weight`, `elbo_train`, `reconstruction_loss_train`,
 #'   `kl_local_train`, `elbo_validation`, `reconstruction_loss_validation`,
 #'   `kl_local_validation`, `seconds`), `batch_levels` (the query model's batches),
-#'   `stopped_early`, `cancelled`, `validation_cells`. A Seurat object gets a DimReduc
+#'   `stopped_early`, `cancelled`, `validation_cells`, `model_dir` (the folder of the saved
+#'   query model, or `NULL`). A Seurat object gets a DimReduc
 #'   (`name`) and the rest in `Misc(object, "<name>_training")`; a SingleCellExperiment a
 #'   `reducedDim` (`name`) and `metadata(object)$<name>_training`.
 #' @seealso [load_scvi_model()], [scvi_latent()], [knn_transfer()]
@@ -56,7 +68,9 @@
 #' @examples
 #' \dontrun{
 #' ref <- load_scvi_model("scarches_reference_model/")
-#' query <- scvi_map_query(query, ref, batch_key = "sample", max_epochs = 200)
+#' query <- scvi_map_query(query, ref, batch_key = "sample", max_epochs = 200,
+#'                         save_dir = "query_model")
+#' query_model <- load_scvi_model("query_model")
 #' query <- knn_transfer(query, reference_cells, "cell_type")
 #' }
 scvi_map_query <- function(object, model, ...) UseMethod("scvi_map_query")
@@ -69,7 +83,7 @@ scvi_map_query.default <- function(object, model, batch_key = NULL, ..., obs = N
                                    batch_size = 128, train_size = 0.9, lr = 1e-3,
                                    weight_decay = 1e-6, n_epochs_kl_warmup = 400, seed = 0,
                                    n_threads = NULL, progress = interactive(), by = "name",
-                                   min_fraction = 0.5) {
+                                   min_fraction = 0.5, save_dir = NULL, overwrite = FALSE) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
   if (!is.null(obs) && (!is.data.frame(obs) || nrow(obs) != ncol(object))) {
@@ -79,7 +93,7 @@ scvi_map_query.default <- function(object, model, batch_key = NULL, ..., obs = N
   scvi_map_query_run(object, model, batch_key, NULL, NULL, obs, max_epochs, early_stopping,
                      early_stopping_patience, freeze_dropout, batch_size, train_size, lr,
                      weight_decay, n_epochs_kl_warmup, seed, n_threads, progress, by,
-                     min_fraction, call)
+                     min_fraction, save_dir, overwrite, call)
 }
 
 #' @rdname scvi_map_query
@@ -90,14 +104,15 @@ scvi_map_query.Seurat <- function(object, model, batch_key = NULL, ..., assay = 
                                   batch_size = 128, train_size = 0.9, lr = 1e-3,
                                   weight_decay = 1e-6, n_epochs_kl_warmup = 400, seed = 0,
                                   n_threads = NULL, progress = interactive(), by = "name",
-                                  min_fraction = 0.5, name = "scvi") {
+                                  min_fraction = 0.5, save_dir = NULL, overwrite = FALSE,
+                                  name = "scvi") {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
   name <- check_string(name)
   r <- scvi_map_query_run(object, model, batch_key, assay, layer, NULL, max_epochs,
                           early_stopping, early_stopping_patience, freeze_dropout, batch_size,
                           train_size, lr, weight_decay, n_epochs_kl_warmup, seed, n_threads,
-                          progress, by, min_fraction, call)
+                          progress, by, min_fraction, save_dir, overwrite, call)
   assay <- assay %||% SeuratObject::DefaultAssay(object)
   object[[name]] <- SeuratObject::CreateDimReducObject(embeddings = r$latent, key = "scVI_",
                                                        assay = assay)
@@ -116,7 +131,8 @@ scvi_map_query.SummarizedExperiment <- function(object, model, batch_key = NULL,
                                                 weight_decay = 1e-6, n_epochs_kl_warmup = 400,
                                                 seed = 0, n_threads = NULL,
                                                 progress = interactive(), by = "name",
-                                                min_fraction = 0.5, name = "X_scVI") {
+                                                min_fraction = 0.5, save_dir = NULL,
+                                                overwrite = FALSE, name = "X_scVI") {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
   name <- check_string(name)
@@ -127,7 +143,7 @@ scvi_map_query.SummarizedExperiment <- function(object, model, batch_key = NULL,
   r <- scvi_map_query_run(object, model, batch_key, assay, NULL, NULL, max_epochs,
                           early_stopping, early_stopping_patience, freeze_dropout, batch_size,
                           train_size, lr, weight_decay, n_epochs_kl_warmup, seed, n_threads,
-                          progress, by, min_fraction, call)
+                          progress, by, min_fraction, save_dir, overwrite, call)
   SingleCellExperiment::reducedDim(object, name) <- r$latent
   r$latent <- NULL
   store_in_object(object, paste0(name, "_training"), r)
@@ -145,8 +161,11 @@ scvi_whole <- function(v, what, min, call, allow_null = FALSE) {
 scvi_map_query_run <- function(object, model, batch_key, assay, layer, obs, max_epochs,
                                early_stopping, early_stopping_patience, freeze_dropout,
                                batch_size, train_size, lr, weight_decay, n_epochs_kl_warmup,
-                               seed, n_threads, progress, by, min_fraction, call) {
+                               seed, n_threads, progress, by, min_fraction, save_dir,
+                               overwrite, call) {
   check_flag(early_stopping, call = call)
+  check_flag(overwrite, call = call)
+  save_dir <- scvi_check_save_dir(save_dir, overwrite, call)
   check_flag(freeze_dropout, call = call)
   check_flag(progress, call = call)
   max_epochs <- scvi_whole(max_epochs, "max_epochs", 1L, call, allow_null = TRUE)
@@ -185,9 +204,10 @@ scvi_map_query_run <- function(object, model, batch_key, assay, layer, obs, max_
   }
   a <- matrix_args(q$x)
   r <- rs_call(rs_scvi_map_query(model$path, a$p, a$i, a$x, a$nrow, a$ncol, a$dense,
-                                 q$batch, length(q$new_levels), epochs, batch_size,
+                                 q$batch, as.character(q$new_levels), epochs, batch_size,
                                  train_size, lr, weight_decay, warmup, early_stopping,
-                                 patience, freeze_dropout, seed, n_threads, cb),
+                                 patience, freeze_dropout, seed, n_threads, cb,
+                                 save_dir %||% ""),
                call = call)
   if (isTRUE(r$cancelled)) {
     rlang::warn(sprintf("Query training was interrupted after %d epoch(s); the latent is that of the model trained so far.",
@@ -200,5 +220,27 @@ scvi_map_query_run <- function(object, model, batch_key, assay, layer, obs, max_
        batch_levels = q$batch_levels,
        stopped_early = r$stopped_early,
        cancelled = r$cancelled,
-       validation_cells = q$cells[r$validation_indices] %||% r$validation_indices)
+       validation_cells = q$cells[r$validation_indices] %||% r$validation_indices,
+       model_dir = if (is.null(r$model_file)) NULL else dirname(r$model_file))
+}
+
+# NULL, or the folder to save the query model in (absolute); refuses an existing model.pt
+# unless `overwrite`, before any training.
+scvi_check_save_dir <- function(save_dir, overwrite, call) {
+  if (is.null(save_dir)) return(NULL)
+  save_dir <- check_string(save_dir, call = call)
+  if (file.exists(save_dir) && !dir.exists(save_dir)) {
+    abort_scannot(sprintf("`save_dir` '%s' is a file; give a folder to save the query model in.",
+                          save_dir), "file", call = call)
+  }
+  if (file.exists(file.path(save_dir, "model.pt")) && !overwrite) {
+    abort_scannot(sprintf("'%s' already holds a model.pt; set `overwrite = TRUE` to replace it or choose another `save_dir`.",
+                          save_dir), "file", call = call)
+  }
+  path <- normalizePath(save_dir, mustWork = FALSE)
+  if (!dir.exists(dirname(path))) {
+    abort_scannot(sprintf("The parent folder of `save_dir` ('%s') does not exist.", dirname(path)),
+                  "file", call = call)
+  }
+  path
 }

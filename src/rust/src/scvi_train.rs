@@ -4,7 +4,9 @@ use crate::convert::guard;
 use crate::expr_matrix;
 use extendr_api::prelude::*;
 use extendr_api::Result;
-use scannot_core::scvi::{read_scvi_model, SurgeryModel, TrainOptions};
+use scannot_core::scvi::{
+    query_model_file, read_scvi_model, write_scvi_model, QueryInfo, SurgeryModel, TrainOptions,
+};
 use scannot_core::{ScError, ScResult};
 use std::os::raw::{c_int, c_void};
 use std::time::Instant;
@@ -25,10 +27,32 @@ fn user_interrupted() -> bool {
     unsafe { R_ToplevelExec(Some(check_interrupt), std::ptr::null_mut()) == 0 }
 }
 
+/// The per-epoch metrics under scvi-tools' history names (validation ones only when
+/// computed).
+fn history_columns(h: &[scannot_core::scvi::EpochStats]) -> Vec<(String, Vec<f64>)> {
+    type Get = fn(&scannot_core::scvi::EpochStats) -> f64;
+    let cols: [(&str, Get); 7] = [
+        ("elbo_train", |e| e.elbo_train),
+        ("reconstruction_loss_train", |e| e.reconstruction_loss_train),
+        ("kl_local_train", |e| e.kl_local_train),
+        ("kl_global_train", |_| 0.0),
+        ("elbo_validation", |e| e.elbo_validation),
+        ("reconstruction_loss_validation", |e| {
+            e.reconstruction_loss_validation
+        }),
+        ("kl_local_validation", |e| e.kl_local_validation),
+    ];
+    cols.iter()
+        .map(|(k, f)| (k.to_string(), h.iter().map(f).collect::<Vec<f64>>()))
+        .filter(|(_, v)| !v.is_empty() && v.iter().any(|x| x.is_finite()))
+        .collect()
+}
+
 /// scArches query training of an SCVI model and the query latent.
 /// `batch`: 0-based codes in the query model's batch order (reference levels, then the
-/// `n_new` new levels). `max_epochs` < 1: scvi's heuristic. `progress`: NULL or an R
-/// function(epoch, elbo_train, elbo_validation) called after every epoch.
+/// new levels `new_levels`). `max_epochs` < 1: scvi's heuristic. `progress`: NULL or an R
+/// function(epoch, elbo_train, elbo_validation) called after every epoch. `save_dir`: ""
+/// or the folder to write the query model's `model.pt` into (scvi-tools' layout).
 /// @noRd
 #[extendr]
 #[allow(clippy::too_many_arguments)]
@@ -41,7 +65,7 @@ fn rs_scvi_map_query(
     ncol: i32,
     dense: bool,
     batch: &[i32],
-    n_new: i32,
+    new_levels: Strings,
     max_epochs: i32,
     batch_size: i32,
     train_size: f64,
@@ -54,6 +78,7 @@ fn rs_scvi_map_query(
     seed: f64,
     n_threads: i32,
     progress: Robj,
+    save_dir: &str,
 ) -> Result<List> {
     let progress_fn = if progress.is_null() {
         None
@@ -66,15 +91,14 @@ fn rs_scvi_map_query(
     };
     let out = guard(|| -> ScResult<_> {
         let m = read_scvi_model(std::path::Path::new(model_path))?;
-        if n_new < 0 {
-            return Err(ScError::Input("n_new must be >= 0".into()));
-        }
+        let new_levels: Vec<String> = new_levels.iter().map(|s| s.to_string()).collect();
+        let n_new = new_levels.len();
         let seed = if seed.is_finite() && seed >= 0.0 {
             seed as u64
         } else {
             0
         };
-        let mut s = SurgeryModel::from_model(&m, n_new as usize, seed)?;
+        let mut s = SurgeryModel::from_model(&m, n_new, seed)?;
         let counts = expr_matrix(p, i, x, nrow, ncol, dense)?;
         if batch.iter().any(|&b| b < 0) {
             return Err(ScError::Input("batch codes must be >= 0 (no NA)".into()));
@@ -133,9 +157,27 @@ fn rs_scvi_map_query(
             return Err(ScError::Input(format!("the progress function failed: {e}")));
         }
         let lat = s.latent(&data, threads)?;
-        Ok((res, lat, seconds, s.n_batch()))
+        let saved = if save_dir.is_empty() {
+            None
+        } else {
+            let info = QueryInfo {
+                new_batch_levels: new_levels,
+                n_obs: data.n_cells(),
+                train_indices: res.train_indices.clone(),
+                validation_indices: res.validation_indices.clone(),
+                seed,
+                history: history_columns(&res.history),
+            };
+            let q = query_model_file(&m, &s, &info)?;
+            Some(write_scvi_model(&q, std::path::Path::new(save_dir))?)
+        };
+        Ok((res, lat, seconds, s.n_batch(), saved))
     })?;
-    let (res, lat, seconds, n_batch) = out;
+    let (res, lat, seconds, n_batch, saved) = out;
+    let saved: Robj = match saved {
+        Some(p) => p.to_string_lossy().into_owned().into(),
+        None => ().into(),
+    };
     let h = &res.history;
     let col = |f: &dyn Fn(&scannot_core::scvi::EpochStats) -> f64| -> Vec<f64> {
         h.iter().map(f).collect()
@@ -161,7 +203,8 @@ fn rs_scvi_map_query(
         cancelled = res.cancelled,
         n_batch = n_batch as i32,
         train_indices = one_based(&res.train_indices),
-        validation_indices = one_based(&res.validation_indices)
+        validation_indices = one_based(&res.validation_indices),
+        model_file = saved
     ))
 }
 

@@ -500,3 +500,132 @@ proptest! {
         let _ = parse(&q);
     }
 }
+
+// -------------------------------------------------------- the protocol-2 writer (torch.save)
+
+/// `Bytes` as a protocol-2 reader gives them back: `_codecs.encode(...)` / `bytes()` calls.
+fn bytes_as_read(v: &Value) -> Value {
+    match v {
+        Value::Object(o) if as_bytes(v).is_some() && o.callable_name().is_some() => {
+            Value::Bytes(as_bytes(v).unwrap().into_owned())
+        }
+        Value::List(x) => Value::List(x.iter().map(bytes_as_read).collect()),
+        Value::Tuple(x) => Value::Tuple(x.iter().map(bytes_as_read).collect()),
+        Value::Dict(x) => Value::Dict(
+            x.iter()
+                .map(|(k, v)| (bytes_as_read(k), bytes_as_read(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The opcodes of a pickle with their argument bytes skipped (for the opcodes it writes).
+fn opcodes(p: &[u8]) -> Vec<u8> {
+    let mut ops = Vec::new();
+    let mut i = 2; // PROTO n
+    while i < p.len() {
+        let op = p[i];
+        ops.push(op);
+        i += 1;
+        let u32_at = |i: usize| u32::from_le_bytes(p[i..i + 4].try_into().unwrap()) as usize;
+        i += match op {
+            b'K' => 1,
+            b'M' => 2,
+            b'J' => 4,
+            0x8a => 1 + p[i] as usize,
+            b'G' => 8,
+            b'X' | b'B' => 4 + u32_at(i),
+            0x8c | b'C' => 1 + p[i] as usize,
+            b'c' => {
+                let a = p[i..].iter().position(|&b| b == b'\n').unwrap() + 1;
+                a + p[i + a..].iter().position(|&b| b == b'\n').unwrap() + 1
+            }
+            _ => 0,
+        };
+    }
+    ops
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn protocol2_writer_round_trips(v in arb_value()) {
+        let p = writer::write_protocol2(&v).unwrap();
+        prop_assert_eq!(&p[..2], &[0x80, 2]);
+        // only opcodes of protocols <= 2
+        for op in opcodes(&p) {
+            prop_assert!(
+                !matches!(op, 0x8c..=0x95 | b'B' | b'C'),
+                "opcode {op:#x} is not protocol 2"
+            );
+        }
+        prop_assert_eq!(bytes_as_read(&parse(&p).unwrap()), v.clone());
+        // protocol 4 gives the same value
+        prop_assert_eq!(parse(&writer::write(&v).unwrap()).unwrap(), v);
+    }
+}
+
+#[test]
+fn protocol2_writer_spells_torch_and_collections_objects() {
+    use writer::{default_dict, global, object, ordered_dict, write_protocol2};
+    let storage = Value::PersId(Box::new(Value::Tuple(vec![
+        s("storage"),
+        global("torch", "FloatStorage"),
+        s("0"),
+        s("cpu"),
+        Value::Int(3),
+    ])));
+    let t = object(
+        global("torch._utils", "_rebuild_tensor_v2"),
+        vec![
+            storage.clone(),
+            Value::Int(0),
+            Value::Tuple(vec![Value::Int(3)]),
+        ],
+        false,
+        None,
+    );
+    let v = Value::Tuple(vec![
+        ordered_dict(vec![(s("w"), t)]),
+        default_dict(
+            global("__builtin__", "dict"),
+            vec![(s("X"), Value::Dict(vec![]))],
+        ),
+        Value::Set(vec![Value::Int(1), s("a")]),
+        Value::Bytes(vec![]),
+        Value::Bytes(vec![0, 200, 255]),
+    ]);
+    let p = write_protocol2(&v).unwrap();
+    // GLOBAL 'collections OrderedDict' ... BINPERSID, as torch.save writes them
+    let text = String::from_utf8_lossy(&p);
+    assert!(text.contains("ccollections\nOrderedDict\n"), "{text}");
+    assert!(text.contains("ctorch\nFloatStorage\n"));
+    assert!(opcodes(&p).contains(&b'Q'));
+    let back = parse(&p).unwrap();
+    let items = back.as_seq().unwrap();
+    // OrderedDict and defaultdict are read as dicts; the tensor keeps its persistent id
+    let od = items[0].as_dict().unwrap();
+    assert_eq!(od[0].0, s("w"));
+    let args = od[0].1.as_object().unwrap().arg_slice();
+    assert_eq!(args[0], storage);
+    assert_eq!(items[1], Value::Dict(vec![(s("X"), Value::Dict(vec![]))]));
+    assert!(items[2].is_call_of("__builtin__", "set"));
+    assert_eq!(as_bytes(&items[3]).unwrap().as_ref(), b"");
+    assert_eq!(as_bytes(&items[4]).unwrap().as_ref(), &[0, 200, 255]);
+    // no protocol-2 spelling: keyword arguments, a newline in a global's name
+    let kw = Value::Object(Box::new(Object {
+        callable: global("m", "C"),
+        args: Value::Tuple(vec![]),
+        kwargs: Some(Value::Dict(vec![])),
+        new_obj: true,
+        state: None,
+        list_items: vec![],
+        dict_items: vec![],
+    }));
+    assert!(write_protocol2(&kw).is_err());
+    assert!(writer::write(&kw).is_ok());
+    assert!(write_protocol2(&global("a\nb", "c")).is_err());
+    assert!(write_protocol2(&Value::Recursive).is_err());
+}

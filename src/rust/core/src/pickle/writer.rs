@@ -1,5 +1,6 @@
-//! A pickle writer (protocol 4) for [`Value`] trees, and builders for the numpy and
-//! scikit-learn objects in the shape Python itself pickles them:
+//! A pickle writer for [`Value`] trees (protocol 4, or protocol 2 as `torch.save` writes),
+//! and builders for the numpy, scikit-learn and `collections` objects in the shape Python
+//! itself pickles them:
 //!
 //! * an object `Value::Object { callable, args, new_obj, state }` is written as
 //!   `callable args NEWOBJ|REDUCE [state BUILD]` (scikit-learn estimators: `cls () NEWOBJ
@@ -8,6 +9,15 @@
 //!   numpy.ndarray, (0,), b'b')` then `BUILD (1, shape, dtype, is_fortran, data)`, with raw
 //!   little-endian bytes for numbers and a list of str for object arrays; `numpy.core.*`
 //!   loads under numpy 1.x and 2.x.
+//!
+//! * [`ordered_dict`] / [`default_dict`]: `collections.OrderedDict()` (or
+//!   `defaultdict(factory)`) by `REDUCE`, then its items by `SETITEMS`, as Python does;
+//! * a [`Value::PersId`] is written as its id then `BINPERSID` (torch storages).
+//!
+//! Protocol 2 ([`write_protocol2`]) uses only opcodes Python 2.3+ knows: `GLOBAL` instead of
+//! `STACK_GLOBAL`, `BINUNICODE` for every str, bytes as `_codecs.encode(str, 'latin1')` (what
+//! Python 3 writes with protocol 2) and sets as `__builtin__.set([...])`; `NEWOBJ_EX` and
+//! values over 4 GiB have no protocol-2 spelling and are errors.
 //!
 //! No memo is written (a pickle does not need one), no frames (optional in protocol 4).
 
@@ -43,6 +53,8 @@ const SETITEMS: u8 = b'u';
 const EMPTY_SET: u8 = 0x8f;
 const ADDITEMS: u8 = 0x90;
 const STACK_GLOBAL: u8 = 0x93;
+const GLOBAL: u8 = b'c';
+const BINPERSID: u8 = b'Q';
 const REDUCE: u8 = b'R';
 const NEWOBJ: u8 = 0x81;
 const NEWOBJ_EX: u8 = 0x92;
@@ -54,14 +66,36 @@ const BATCH: usize = 1000;
 /// Serialise `v` as a protocol-4 pickle.
 pub fn write(v: &Value) -> ScResult<Vec<u8>> {
     let mut out = vec![PROTO, 4];
-    emit(v, &mut out, 0)?;
+    Emitter { proto: 4 }.emit(v, &mut out, 0)?;
     out.push(STOP);
     Ok(out)
 }
 
-fn emit_str(s: &str, out: &mut Vec<u8>) {
+/// Serialise `v` as a protocol-2 pickle (the protocol of `torch.save`'s `data.pkl`).
+pub fn write_protocol2(v: &Value) -> ScResult<Vec<u8>> {
+    let mut out = vec![PROTO, 2];
+    Emitter { proto: 2 }.emit(v, &mut out, 0)?;
+    out.push(STOP);
+    Ok(out)
+}
+
+fn too_big(what: &str) -> ScError {
+    ScError::Input(format!(
+        "a {what} over 4 GiB cannot be written in a protocol-2 pickle"
+    ))
+}
+
+struct Emitter {
+    proto: u8,
+}
+
+fn emit_str(s: &str, out: &mut Vec<u8>, proto: u8) -> ScResult<()> {
     let b = s.as_bytes();
-    if b.len() < 256 {
+    if proto < 4 {
+        let n = u32::try_from(b.len()).map_err(|_| too_big("string"))?;
+        out.push(BINUNICODE);
+        out.extend_from_slice(&n.to_le_bytes());
+    } else if b.len() < 256 {
         out.push(SHORT_BINUNICODE);
         out.push(b.len() as u8);
     } else if b.len() <= u32::MAX as usize {
@@ -72,157 +106,216 @@ fn emit_str(s: &str, out: &mut Vec<u8>) {
         out.extend_from_slice(&(b.len() as u64).to_le_bytes());
     }
     out.extend_from_slice(b);
+    Ok(())
 }
 
-fn emit(v: &Value, out: &mut Vec<u8>, depth: usize) -> ScResult<()> {
-    if depth > 200 {
-        return Err(ScError::Input("value nested too deeply to pickle".into()));
-    }
-    let d = depth + 1;
-    match v {
-        Value::None => out.push(NONE),
-        Value::Bool(b) => out.push(if *b { NEWTRUE } else { NEWFALSE }),
-        Value::Int(i) => {
-            let i = *i;
-            if (0..256).contains(&i) {
-                out.extend_from_slice(&[BININT1, i as u8]);
-            } else if (0..65536).contains(&i) {
-                out.push(BININT2);
-                out.extend_from_slice(&(i as u16).to_le_bytes());
-            } else if i >= i32::MIN as i64 && i <= i32::MAX as i64 {
-                out.push(BININT);
-                out.extend_from_slice(&(i as i32).to_le_bytes());
-            } else {
-                // shortest two's-complement little-endian encoding
-                let mut b = i.to_le_bytes().to_vec();
-                while b.len() > 1 {
-                    let last = b[b.len() - 1];
-                    let prev = b[b.len() - 2];
-                    if (last == 0 && prev & 0x80 == 0) || (last == 0xff && prev & 0x80 != 0) {
-                        b.pop();
-                    } else {
-                        break;
-                    }
-                }
-                out.extend_from_slice(&[LONG1, b.len() as u8]);
-                out.extend_from_slice(&b);
+impl Emitter {
+    fn global(&self, module: &str, name: &str, out: &mut Vec<u8>) -> ScResult<()> {
+        if self.proto < 4 {
+            if module.contains('\n') || name.contains('\n') {
+                return Err(ScError::Input(format!(
+                    "the global {module:?}.{name:?} cannot be pickled (a newline in its name)"
+                )));
             }
-        }
-        Value::BigInt(b) => {
-            if b.len() > 255 {
-                return Err(ScError::Input("integer too large to pickle".into()));
-            }
-            out.extend_from_slice(&[LONG1, b.len() as u8]);
-            out.extend_from_slice(b);
-        }
-        Value::Float(f) => {
-            out.push(BINFLOAT);
-            out.extend_from_slice(&f.to_be_bytes());
-        }
-        Value::Str(s) => emit_str(s, out),
-        Value::Bytes(b) => {
-            if b.len() < 256 {
-                out.extend_from_slice(&[SHORT_BINBYTES, b.len() as u8]);
-            } else if b.len() <= u32::MAX as usize {
-                out.push(BINBYTES);
-                out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            } else {
-                out.push(BINBYTES8);
-                out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-            }
-            out.extend_from_slice(b);
-        }
-        Value::List(items) => {
-            out.push(EMPTY_LIST);
-            for chunk in items.chunks(BATCH) {
-                out.push(MARK);
-                for x in chunk {
-                    emit(x, out, d)?;
-                }
-                out.push(APPENDS);
-            }
-        }
-        Value::Tuple(items) => match items.len() {
-            0 => out.push(EMPTY_TUPLE),
-            1..=3 => {
-                for x in items {
-                    emit(x, out, d)?;
-                }
-                out.push([TUPLE1, TUPLE2, TUPLE3][items.len() - 1]);
-            }
-            _ => {
-                out.push(MARK);
-                for x in items {
-                    emit(x, out, d)?;
-                }
-                out.push(TUPLE);
-            }
-        },
-        Value::Dict(items) => {
-            out.push(EMPTY_DICT);
-            for chunk in items.chunks(BATCH) {
-                out.push(MARK);
-                for (k, x) in chunk {
-                    emit(k, out, d)?;
-                    emit(x, out, d)?;
-                }
-                out.push(SETITEMS);
-            }
-        }
-        Value::Set(items) => {
-            out.push(EMPTY_SET);
-            for chunk in items.chunks(BATCH) {
-                out.push(MARK);
-                for x in chunk {
-                    emit(x, out, d)?;
-                }
-                out.push(ADDITEMS);
-            }
-        }
-        Value::Global { module, name } => {
-            emit_str(module, out);
-            emit_str(name, out);
+            out.push(GLOBAL);
+            out.extend_from_slice(module.as_bytes());
+            out.push(b'\n');
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'\n');
+        } else {
+            emit_str(module, out, self.proto)?;
+            emit_str(name, out, self.proto)?;
             out.push(STACK_GLOBAL);
         }
-        Value::Object(o) => {
-            emit(&o.callable, out, d)?;
-            emit(&o.args, out, d)?;
-            match (&o.kwargs, o.new_obj) {
-                (Some(kw), true) => {
-                    emit(kw, out, d)?;
-                    out.push(NEWOBJ_EX);
+        Ok(())
+    }
+
+    fn emit(&self, v: &Value, out: &mut Vec<u8>, depth: usize) -> ScResult<()> {
+        if depth > 200 {
+            return Err(ScError::Input("value nested too deeply to pickle".into()));
+        }
+        let d = depth + 1;
+        match v {
+            Value::None => out.push(NONE),
+            Value::Bool(b) => out.push(if *b { NEWTRUE } else { NEWFALSE }),
+            Value::Int(i) => {
+                let i = *i;
+                if (0..256).contains(&i) {
+                    out.extend_from_slice(&[BININT1, i as u8]);
+                } else if (0..65536).contains(&i) {
+                    out.push(BININT2);
+                    out.extend_from_slice(&(i as u16).to_le_bytes());
+                } else if i >= i32::MIN as i64 && i <= i32::MAX as i64 {
+                    out.push(BININT);
+                    out.extend_from_slice(&(i as i32).to_le_bytes());
+                } else {
+                    // shortest two's-complement little-endian encoding
+                    let mut b = i.to_le_bytes().to_vec();
+                    while b.len() > 1 {
+                        let last = b[b.len() - 1];
+                        let prev = b[b.len() - 2];
+                        if (last == 0 && prev & 0x80 == 0) || (last == 0xff && prev & 0x80 != 0) {
+                            b.pop();
+                        } else {
+                            break;
+                        }
+                    }
+                    out.extend_from_slice(&[LONG1, b.len() as u8]);
+                    out.extend_from_slice(&b);
                 }
-                (Some(_), false) => {
-                    return Err(ScError::Input(
-                        "keyword arguments need NEWOBJ_EX (new_obj = true)".into(),
-                    ))
+            }
+            Value::BigInt(b) => {
+                if b.len() > 255 {
+                    return Err(ScError::Input("integer too large to pickle".into()));
                 }
-                (None, true) => out.push(NEWOBJ),
-                (None, false) => out.push(REDUCE),
+                out.extend_from_slice(&[LONG1, b.len() as u8]);
+                out.extend_from_slice(b);
             }
-            if !o.list_items.is_empty() || !o.dict_items.is_empty() {
-                return Err(ScError::Input(
-                    "list or dict subclasses cannot be pickled by this writer".into(),
-                ));
+            Value::Float(f) => {
+                out.push(BINFLOAT);
+                out.extend_from_slice(&f.to_be_bytes());
             }
-            if let Some(s) = &o.state {
-                emit(s, out, d)?;
+            Value::Str(s) => emit_str(s, out, self.proto)?,
+            Value::Bytes(b) if self.proto < 3 => {
+                // Python 3's protocol-2 spelling: _codecs.encode(latin-1 str, 'latin1'), or
+                // bytes() when empty
+                if b.is_empty() {
+                    self.global("__builtin__", "bytes", out)?;
+                    out.push(EMPTY_TUPLE);
+                } else {
+                    self.global("_codecs", "encode", out)?;
+                    let s: String = b.iter().map(|&c| char::from(c)).collect();
+                    emit_str(&s, out, self.proto)?;
+                    emit_str("latin1", out, self.proto)?;
+                    out.push(TUPLE2);
+                }
+                out.push(REDUCE);
+            }
+            Value::Bytes(b) => {
+                if b.len() < 256 {
+                    out.extend_from_slice(&[SHORT_BINBYTES, b.len() as u8]);
+                } else if b.len() <= u32::MAX as usize {
+                    out.push(BINBYTES);
+                    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                } else {
+                    out.push(BINBYTES8);
+                    out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+                }
+                out.extend_from_slice(b);
+            }
+            Value::List(items) => {
+                out.push(EMPTY_LIST);
+                for chunk in items.chunks(BATCH) {
+                    out.push(MARK);
+                    for x in chunk {
+                        self.emit(x, out, d)?;
+                    }
+                    out.push(APPENDS);
+                }
+            }
+            Value::Tuple(items) => match items.len() {
+                0 => out.push(EMPTY_TUPLE),
+                1..=3 => {
+                    for x in items {
+                        self.emit(x, out, d)?;
+                    }
+                    out.push([TUPLE1, TUPLE2, TUPLE3][items.len() - 1]);
+                }
+                _ => {
+                    out.push(MARK);
+                    for x in items {
+                        self.emit(x, out, d)?;
+                    }
+                    out.push(TUPLE);
+                }
+            },
+            Value::Dict(items) => {
+                out.push(EMPTY_DICT);
+                for chunk in items.chunks(BATCH) {
+                    out.push(MARK);
+                    for (k, x) in chunk {
+                        self.emit(k, out, d)?;
+                        self.emit(x, out, d)?;
+                    }
+                    out.push(SETITEMS);
+                }
+            }
+            Value::Set(items) if self.proto < 4 => {
+                self.global("__builtin__", "set", out)?;
+                self.emit(&Value::List(items.clone()), out, d)?;
+                out.push(TUPLE1);
+                out.push(REDUCE);
+            }
+            Value::Set(items) => {
+                out.push(EMPTY_SET);
+                for chunk in items.chunks(BATCH) {
+                    out.push(MARK);
+                    for x in chunk {
+                        self.emit(x, out, d)?;
+                    }
+                    out.push(ADDITEMS);
+                }
+            }
+            Value::Global { module, name } => self.global(module, name, out)?,
+            Value::Object(o) => {
+                self.emit(&o.callable, out, d)?;
+                self.emit(&o.args, out, d)?;
+                match (&o.kwargs, o.new_obj) {
+                    (Some(_), true) if self.proto < 4 => return Err(ScError::Input(
+                        "keyword arguments (NEWOBJ_EX) cannot be written in a protocol-2 pickle"
+                            .into(),
+                    )),
+                    (Some(kw), true) => {
+                        self.emit(kw, out, d)?;
+                        out.push(NEWOBJ_EX);
+                    }
+                    (Some(_), false) => {
+                        return Err(ScError::Input(
+                            "keyword arguments need NEWOBJ_EX (new_obj = true)".into(),
+                        ))
+                    }
+                    (None, true) => out.push(NEWOBJ),
+                    (None, false) => out.push(REDUCE),
+                }
+                // list and dict subclasses (OrderedDict, defaultdict): items after construction
+                for chunk in o.list_items.chunks(BATCH) {
+                    out.push(MARK);
+                    for x in chunk {
+                        self.emit(x, out, d)?;
+                    }
+                    out.push(APPENDS);
+                }
+                for chunk in o.dict_items.chunks(BATCH) {
+                    out.push(MARK);
+                    for (k, x) in chunk {
+                        self.emit(k, out, d)?;
+                        self.emit(x, out, d)?;
+                    }
+                    out.push(SETITEMS);
+                }
+                if let Some(s) = &o.state {
+                    self.emit(s, out, d)?;
+                    out.push(BUILD);
+                }
+            }
+            Value::Build { obj, state } => {
+                self.emit(obj, out, d)?;
+                self.emit(state, out, d)?;
                 out.push(BUILD);
             }
+            Value::PersId(id) => {
+                self.emit(id, out, d)?;
+                out.push(BINPERSID);
+            }
+            Value::Recursive => {
+                return Err(ScError::Input(format!(
+                    "a {} cannot be pickled by this writer",
+                    v.describe()
+                )))
+            }
         }
-        Value::Build { obj, state } => {
-            emit(obj, out, d)?;
-            emit(state, out, d)?;
-            out.push(BUILD);
-        }
-        Value::PersId(_) | Value::Recursive => {
-            return Err(ScError::Input(format!(
-                "a {} cannot be pickled by this writer",
-                v.describe()
-            )))
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// `module.name`, a class or function reference.
@@ -348,4 +441,31 @@ pub fn scalar_i64(v: i64) -> Value {
         false,
         None,
     )
+}
+
+/// `collections.OrderedDict()` filled with `items` (read back as a [`Value::Dict`]).
+pub fn ordered_dict(items: Vec<(Value, Value)>) -> Value {
+    Value::Object(Box::new(super::Object {
+        callable: global("collections", "OrderedDict"),
+        args: Value::Tuple(vec![]),
+        kwargs: None,
+        new_obj: false,
+        state: None,
+        list_items: Vec::new(),
+        dict_items: items,
+    }))
+}
+
+/// `collections.defaultdict(factory)` filled with `items`; `factory` is e.g.
+/// `global("__builtin__", "dict")` (read back as a [`Value::Dict`]).
+pub fn default_dict(factory: Value, items: Vec<(Value, Value)>) -> Value {
+    Value::Object(Box::new(super::Object {
+        callable: global("collections", "defaultdict"),
+        args: Value::Tuple(vec![factory]),
+        kwargs: None,
+        new_obj: false,
+        state: None,
+        list_items: Vec::new(),
+        dict_items: items,
+    }))
 }

@@ -1233,3 +1233,41 @@ struct State {
     u: Vec<f32>,
     v: Vec<f32>,
 }
+
+/// One FC Linear layer of the query model, as [`SurgeryModel::layer_weights`] gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerWeights {
+    /// state-dict base key, e.g. `z_encoder.encoder.fc_layers.Layer 0.0` (`.weight` appended)
+    pub key: String,
+    pub n_out: usize,
+    /// feature inputs (the covariate columns come after them)
+    pub n_in: usize,
+    /// feature weights, `n_out x n_in` (torch layout)
+    pub w: Vec<f32>,
+    /// covariate (one-hot) columns, `n_cov x n_out`, one row per column; empty if none
+    pub wc: Vec<f32>,
+}
+
+impl SurgeryModel {
+    /// The encoder then decoder FC layers' current weights with their state-dict keys, for
+    /// saving the query model (`scvi::model_write`). Biases, heads and `px_r` are frozen and
+    /// equal the reference's.
+    pub fn layer_weights(&self) -> Vec<LayerWeights> {
+        let named = |prefix: &str, layers: &[Layer]| -> Vec<LayerWeights> {
+            layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| LayerWeights {
+                    key: format!("{prefix}.fc_layers.Layer {i}.0"),
+                    n_out: l.n_out,
+                    n_in: l.n_in,
+                    w: l.w.clone(),
+                    wc: l.wc.clone(),
+                })
+                .collect()
+        };
+        let mut out = named("z_encoder.encoder", &self.enc);
+        out.extend(named("decoder.px_decoder", &self.dec));
+        out
+    }
+}
