@@ -33,7 +33,9 @@
 #'   dense data (8 bytes a value);
 #' * the Wilcoxon test of a cell-major store reads it in several **passes over gene
 #'   ranges**: one counting pass gives the non-zeros of every gene, genes are cut into
-#'   ranges whose non-zeros fit half of `getOption("scannot.memory")` (default 4 GB),
+#'   ranges whose non-zeros (12 bytes each) fit `getOption("scannot.memory")` (default
+#'   4 GB) less the temporaries of reading one block (~5 blocks), the Rust core's
+#'   scratch (10 bytes x 32 x cells per thread) and R itself (~0.3 GB),
 #'   and each pass keeps only the non-zeros of its range, tests it exactly and
 #'   discards it. Peak memory is about that budget plus the result, whatever the
 #'   number of cells. With `BPPARAM`, the passes run in the workers, each reading the
@@ -69,7 +71,8 @@
 #'
 #' @section Options:
 #' * `scannot.block_size`: bytes of matrix data read at once (cell blocks).
-#' * `scannot.memory`: memory budget in bytes of one Wilcoxon pass (gene range).
+#' * `scannot.memory`: memory budget in bytes of one Wilcoxon pass (gene range), for the
+#'   whole R process (or worker).
 #' @name scannot_scale_out
 #' @aliases scannot_scale_out
 NULL
@@ -136,6 +139,16 @@ bioc_memory <- function() {
     abort_scannot("option `scannot.memory` must be a number of bytes >= 1e5.", "input")
   }
   as.numeric(m)
+}
+
+# Non-zeros of one Wilcoxon gene range: the budget less the temporaries of reading one
+# block (about 5x the block: indices, values, filter, index vectors), the core's scratch
+# (10 bytes x max(2^21, 32 x cells) per thread) and R itself (~0.3 GB), at 12 bytes a
+# value, at least 1/8 of the budget.
+wilcoxon_range_cap <- function(n_cells, n_threads) {
+  mem <- bioc_memory()
+  rest <- 5 * bioc_block_size() + 10 * max(2^21, 32 * n_cells) * max(1, n_threads) + 3e8
+  min(max(mem - rest, mem / 8) / 12, .Machine$integer.max)
 }
 
 # Contiguous pieces of 1..n with about equal weight, at most `k` pieces.
@@ -332,6 +345,20 @@ realize_block_matrix <- function(m) {
 take_rows <- function(x, rows) {
   if (is.matrix(x)) return(x[rows, , drop = FALSE])
   if (length(rows) == nrow(x) && identical(rows, seq_len(nrow(x)))) return(x)
+  n <- length(rows)
+  if (n > 0L && rows[n] - rows[1] + 1L == n && !anyNA(rows) && !is.unsorted(rows)) {
+    # a contiguous range of a dgCMatrix: one vectorised filter over the non-zeros
+    lo <- as.integer(rows[1] - 1L)
+    keep <- x@i >= lo & x@i < lo + n
+    kept <- c(0L, cumsum(keep))
+    out <- methods::new("dgCMatrix")
+    out@Dim <- c(n, ncol(x))
+    methods::slot(out, "i", check = FALSE) <- x@i[keep] - lo
+    methods::slot(out, "x", check = FALSE) <- x@x[keep]
+    methods::slot(out, "p", check = FALSE) <- kept[x@p + 1L]
+    out@Dimnames <- list(rownames(x)[rows], colnames(x))
+    return(out)
+  }
   x[rows, , drop = FALSE]
 }
 
@@ -474,9 +501,7 @@ wilcoxon_run <- function(m, codes, n_groups, tested, ref_code, tie_correct, flav
   }
   if (block) {
     w <- gene_weights(m, BPPARAM)
-    # half the budget for the gene range's values (12 bytes a non-zero), the rest for the
-    # block being read, the core's scratch and the result
-    ranges <- split_capped(w, min(bioc_memory() / 2 / 12, .Machine$integer.max))
+    ranges <- split_capped(w, wilcoxon_range_cap(ncol(m), n_threads))
     if (!is.null(BPPARAM)) {
       nw <- bioc_workers(BPPARAM)
       if (length(ranges) < nw) ranges <- split_balanced(w, nw)

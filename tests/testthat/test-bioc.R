@@ -49,9 +49,12 @@ test_that("bh_adjust() is the Rust core's BH, NaN and ties included", {
 
 test_that("gene blocks in process give the single-call Wilcoxon exactly", {
   d <- bioc_data()
-  old <- options(scannot.memory = 6e5) # forces several gene ranges
+  old <- options(scannot.memory = 3e6) # forces several gene ranges
   on.exit(options(old))
   da <- DelayedArray::DelayedArray(d$x)
+  n_ranges <- length(scannot:::split_capped(scannot:::gene_weights(da),
+                                            scannot:::wilcoxon_range_cap(ncol(da), 1)))
+  expect_gt(n_ranges, 2)
   for (flavor in c("scanpy", "presto")) {
     ref <- find_markers(d$x, d$groups, flavor = flavor, n_threads = 1)
     got <- find_markers(da, d$groups, flavor = flavor, n_threads = 1)
@@ -90,7 +93,7 @@ test_that("HDF5Array input (writeHDF5Array) equals the in-memory result", {
   f <- tempfile(fileext = ".h5")
   h <- HDF5Array::writeHDF5Array(d$x, f, "x", with.dimnames = TRUE)
   expect_true(methods::is(h, "DelayedMatrix"))
-  old <- options(scannot.memory = 8e5, scannot.block_size = 5e5)
+  old <- options(scannot.memory = 3e6, scannot.block_size = 5e5)
   on.exit(options(old))
   expect_identical(find_markers(h, d$groups, n_threads = 1),
                    find_markers(d$x, d$groups, n_threads = 1))
@@ -120,8 +123,11 @@ test_that("an h5ad opened without loading X equals read_h5ad(), also with SnowPa
   expect_s3_class(h, "scannot_h5ad_matrix")
   expect_identical(dim(h), dim(d$x))
   expect_identical(get_expression(h)$matrix, mem)
-  old <- options(scannot.memory = 3e5, scannot.block_size = 1e5)
+  old <- options(scannot.memory = 3e6, scannot.block_size = 1e5)
   on.exit(options(old))
+  expect_gt(length(scannot:::cell_blocks(h)), 3)
+  expect_gt(length(scannot:::split_capped(scannot:::gene_weights(h),
+                                          scannot:::wilcoxon_range_cap(ncol(h), 1))), 2)
   for (flavor in c("scanpy", "presto")) {
     ref <- find_markers(mem, d$groups, flavor = flavor, n_threads = 1)
     got <- find_markers(h, "cell_type", flavor = flavor, n_threads = 1)
@@ -152,6 +158,14 @@ test_that("TENxMatrix / H5ADMatrix input equals the in-memory result when HDF5Ar
   skip_if(is.null(tx), "HDF5Array cannot open sparse HDF5 groups with this rhdf5")
   expect_identical(find_markers(tx, d$groups, n_threads = 1),
                    find_markers(d$x, d$groups, n_threads = 1))
+  skip_if_not(has_sce())
+  f2 <- tempfile(fileext = ".h5ad")
+  sce <- SingleCellExperiment::SingleCellExperiment(list(logcounts = d$x),
+                                                    colData = d$sim$cells)
+  write_h5ad(sce, f2)
+  hx <- HDF5Array::H5ADMatrix(f2)
+  expect_identical(find_markers(hx, d$groups, n_threads = 1),
+                   find_markers(read_h5ad(f2, as = "list")$X, d$groups, n_threads = 1))
 })
 
 test_that("CellTypist prediction by cell blocks (SnowParam, DelayedArray) is identical", {
