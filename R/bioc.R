@@ -36,10 +36,14 @@
 #'   ranges whose non-zeros (12 bytes each) fit `getOption("scannot.memory")` (default
 #'   4 GB) less the temporaries of reading one block (~5 blocks), the Rust core's
 #'   scratch (10 bytes x 32 x cells per thread) and R itself (~0.3 GB),
-#'   and each pass keeps only the non-zeros of its range, tests it exactly and
-#'   discards it. Peak memory is about that budget plus the result, whatever the
-#'   number of cells. With `BPPARAM`, the passes run in the workers, each reading the
-#'   file itself (give each worker the budget).
+#'   and each range is tested exactly and discarded. In one process the store is read
+#'   once more and each range's non-zeros are spilled to their own temporary file
+#'   (12 bytes a non-zero in `getOption("scannot.spill_dir", tempdir())`, removed at the
+#'   end), then read back range by range; with `options(scannot.spill = FALSE)` each
+#'   range instead re-reads the whole store (no disk, one read per range). Peak memory is
+#'   about the budget plus the result, whatever the number of cells. With `BPPARAM`, the
+#'   ranges run in the workers, each reading the store itself (give each worker the
+#'   budget).
 #'
 #' @section Running on a cluster (SLURM with BatchtoolsParam):
 #' ```r
@@ -73,6 +77,8 @@
 #' * `scannot.block_size`: bytes of matrix data read at once (cell blocks).
 #' * `scannot.memory`: memory budget in bytes of one Wilcoxon pass (gene range), for the
 #'   whole R process (or worker).
+#' * `scannot.spill` (default `TRUE`), `scannot.spill_dir` (default `tempdir()`): spill
+#'   the gene ranges of an out-of-core Wilcoxon test to disk (see above).
 #' @name scannot_scale_out
 #' @aliases scannot_scale_out
 NULL
@@ -442,10 +448,69 @@ read_gene_range <- function(m, rows, nnz = NULL) {
 # list(m = block matrix, rows = gene range) to read in the worker.
 wilcoxon_block <- function(src, codes, n_groups, tested, ref_code, tie_correct, flavor,
                            log_base, n_threads) {
-  m <- if (is.list(src) && !is.null(src$rows)) read_gene_range(src$m, src$rows, src$nnz) else src
+  m <- if (inherits(src, "scannot_spill")) {
+    read_spill(src)
+  } else if (is.list(src) && !is.null(src$rows)) {
+    read_gene_range(src$m, src$rows, src$nnz)
+  } else {
+    src
+  }
   a <- matrix_args(m)
   rs_call(rs_wilcoxon(a$p, a$i, a$x, a$nrow, a$ncol, a$dense, codes, n_groups, tested,
                       ref_code, tie_correct, flavor, log_base, n_threads))
+}
+
+# Split the non-zeros of a cell-major block matrix into one pair of files per gene range
+# (row indices within the range as int32, values as double, in cell order: a CSC range
+# matrix) in a single read; returns one "scannot_spill" source per range.
+spill_ranges <- function(m, ranges, dir) {
+  nb <- length(ranges)
+  lo <- vapply(ranges, function(r) as.integer(r[1] - 1L), integer(1))
+  cuts <- lo[-1L]
+  files <- file.path(dir, sprintf("range%04d", seq_len(nb)))
+  ci <- lapply(paste0(files, ".i"), file, open = "wb")
+  cx <- lapply(paste0(files, ".x"), file, open = "wb")
+  on.exit({
+    lapply(ci, close)
+    lapply(cx, close)
+  })
+  counts <- matrix(0L, ncol(m), nb)
+  nnz <- numeric(nb)
+  for (cols in cell_blocks(m)) {
+    b <- read_cells(m, cols)
+    if (is.matrix(b)) b <- methods::as(methods::as(b, "CsparseMatrix"), "generalMatrix")
+    bucket <- findInterval(b@i, cuts) + 1L
+    cell <- rep.int(seq_along(cols), diff(b@p))
+    counts[cols, ] <- tabulate((bucket - 1L) * length(cols) + cell, nb * length(cols))
+    rm(cell)
+    for (k in seq_len(nb)) {
+      sel <- which(bucket == k)
+      if (length(sel)) {
+        writeBin(b@i[sel] - lo[k], ci[[k]])
+        writeBin(b@x[sel], cx[[k]])
+        nnz[k] <- nnz[k] + length(sel)
+      }
+    }
+    rm(b, bucket)
+  }
+  lapply(seq_len(nb), function(k) {
+    structure(list(file = files[k], nnz = nnz[k], counts = counts[, k],
+                   dimnames = list(rownames(m)[ranges[[k]]], colnames(m))),
+              class = "scannot_spill")
+  })
+}
+
+read_spill <- function(src) {
+  out <- methods::new("dgCMatrix")
+  out@Dim <- c(length(src$dimnames[[1]]), length(src$counts))
+  methods::slot(out, "i", check = FALSE) <- readBin(paste0(src$file, ".i"), "integer",
+                                                     n = src$nnz)
+  methods::slot(out, "x", check = FALSE) <- readBin(paste0(src$file, ".x"), "double",
+                                                     n = src$nnz)
+  methods::slot(out, "p", check = FALSE) <- c(0L, cumsum(src$counts))
+  out@Dimnames <- src$dimnames
+  unlink(paste0(src$file, c(".i", ".x")))
+  out
 }
 
 # Benjamini-Hochberg with exactly the arithmetic of the Rust core (wilcoxon.rs `bh`):
@@ -507,6 +572,14 @@ wilcoxon_run <- function(m, codes, n_groups, tested, ref_code, tie_correct, flav
       if (length(ranges) < nw) ranges <- split_balanced(w, nw)
     }
     srcs <- lapply(ranges, function(rows) list(m = m, rows = rows, nnz = as.integer(sum(w[rows]))))
+    if (is.null(BPPARAM) && length(ranges) > 1L && !isFALSE(getOption("scannot.spill"))) {
+      # one read of the store, each range's values spilled to its own file, then read back
+      # range by range (instead of one full read per range)
+      dir <- tempfile("scannot-spill-", tmpdir = getOption("scannot.spill_dir", tempdir()))
+      dir.create(dir, recursive = TRUE)
+      on.exit(unlink(dir, recursive = TRUE), add = TRUE)
+      srcs <- spill_ranges(m, ranges, dir)
+    }
   } else {
     w <- if (methods::is(m, "dgCMatrix")) tabulate(m@i + 1L, nrow(m)) else rep(1, nrow(m))
     ranges <- split_balanced(w, bioc_workers(BPPARAM))

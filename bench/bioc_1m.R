@@ -124,11 +124,10 @@ if (Sys.getenv("SCANNOT_BIOC_STEP") == "") {
 
 step <- Sys.getenv("SCANNOT_BIOC_STEP")
 budget <- budget_gb * 1e9
-# the Wilcoxon pass gets the budget minus room for R, the read blocks and the core's
-# scratch (10 bytes x 32 values per cell and thread)
-scratch <- 10 * 32 * n_cells * bench_threads
-options(scannot.memory = max(1e8, budget - 0.6e9 - scratch),
-        scannot.block_size = min(2e8, budget / 20))
+# scannot.memory is the whole process's budget for a Wilcoxon pass: scannot sizes the gene
+# ranges after room for R, the read blocks and the core's scratch; 0.2 GB more are kept
+# for the cell metadata of a million cells
+options(scannot.memory = budget - 0.2e9, scannot.block_size = min(2e8, budget / 20))
 h <- open_h5ad_matrix(path)
 print(h)
 nnz <- unclass(h)$indptr[ncol(h) + 1]

@@ -3,6 +3,7 @@
 
 has_bp <- function() requireNamespace("BiocParallel", quietly = TRUE)
 has_h5 <- function() requireNamespace("HDF5Array", quietly = TRUE)
+has_da <- function() requireNamespace("DelayedArray", quietly = TRUE)
 
 bioc_data <- local({
   d <- NULL
@@ -48,6 +49,7 @@ test_that("bh_adjust() is the Rust core's BH, NaN and ties included", {
 })
 
 test_that("gene blocks in process give the single-call Wilcoxon exactly", {
+  skip_if_not(has_da())
   d <- bioc_data()
   old <- options(scannot.memory = 3e6) # forces several gene ranges
   on.exit(options(old))
@@ -59,7 +61,14 @@ test_that("gene blocks in process give the single-call Wilcoxon exactly", {
     ref <- find_markers(d$x, d$groups, flavor = flavor, n_threads = 1)
     got <- find_markers(da, d$groups, flavor = flavor, n_threads = 1)
     expect_identical(got, ref)
+    # ranges spilled to disk (default) or each range re-reading the store
+    withr_spill <- options(scannot.spill = FALSE)
+    got2 <- find_markers(da, d$groups, flavor = flavor, n_threads = 1)
+    options(withr_spill)
+    expect_identical(got2, ref)
   }
+  # the spill files are removed
+  expect_length(list.files(tempdir(), pattern = "^scannot-spill-"), 0L)
   ref <- find_markers(d$x, d$groups, reference = "B", tie_correct = TRUE, n_threads = 1)
   expect_identical(find_markers(da, d$groups, reference = "B", tie_correct = TRUE,
                                 n_threads = 1), ref)
@@ -170,6 +179,7 @@ test_that("TENxMatrix / H5ADMatrix input equals the in-memory result when HDF5Ar
 
 test_that("CellTypist prediction by cell blocks (SnowParam, DelayedArray) is identical", {
   skip_if_not(has_bp())
+  skip_if_not(has_da())
   d <- bioc_data()
   model <- load_celltypist_model(system.file("extdata", "celltypist_default.pkl",
                                              package = "scannot"))
@@ -231,6 +241,7 @@ test_that("bad BPPARAM and missing packages give classed errors", {
   d <- bioc_data()
   expect_error(find_markers(d$x, d$groups, BPPARAM = "two"), class = "scannot_error_input")
   expect_error(open_h5ad_matrix(tempfile()), class = "scannot_error_file")
+  skip_if_not(has_da())
   old <- options(scannot.memory = "a lot")
   on.exit(options(old))
   expect_error(find_markers(DelayedArray::DelayedArray(d$x), d$groups),
