@@ -70,7 +70,10 @@
 #' ```
 #' The file (and for scVI the model folder) must be on a file system the nodes see;
 #' workers need scannot, BiocParallel and rhdf5/HDF5Array installed in the library named
-#' by `R_LIBS`. `MulticoreParam()` (forked workers, Linux/macOS) and `SnowParam()`
+#' by `R_LIBS`, the submitting session also batchtools. Each worker holds one gene range
+#' (Wilcoxon) or one cell block (prediction) at a time, so `--mem-per-cpu` x `ncpus`
+#' must cover `scannot.memory`; a Wilcoxon worker reads the whole (cell-major) file once
+#' for its gene range. `MulticoreParam()` (forked workers, Linux/macOS) and `SnowParam()`
 #' (sockets, any OS) work the same way on one machine.
 #'
 #' @section Options:
