@@ -136,6 +136,10 @@ check_celltypist_model <- function(model, call) {
 #'   entries `<prefix>probability` and `<prefix>decision`.
 #' @param prefix Prefix of the added metadata columns.
 #' @param n_threads Number of threads (see [scannot_threads()]).
+#' @param BPPARAM `NULL` (default: in process) or a BiocParallel parameter object: cells
+#'   are split into blocks predicted in worker processes, with the same result. An
+#'   out-of-core `object` (a `DelayedMatrix`, [open_h5ad_matrix()]) is read in cell
+#'   blocks either way (see [scannot_scale_out]).
 #' @param assay,layer Seurat: assay and layer (default `"data"`); SingleCellExperiment:
 #'   assay (default `"logcounts"`).
 #' @return For a matrix, a data frame with one row per cell: `predicted_labels`,
@@ -160,11 +164,13 @@ annotate_celltypist.default <- function(object, model, ..., mode = c("best match
                                         over_clustering = NULL, min_prop = 0,
                                         conf_by = c("predicted_labels", "majority_voting"),
                                         normalize = FALSE, return_probabilities = FALSE,
-                                        prefix = "", n_threads = NULL) {
+                                        prefix = "", n_threads = NULL, BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  res <- celltypist_run(object, NULL, model, mode, p_thres, majority_voting, over_clustering,
-                        min_prop, conf_by, normalize, n_threads, call)
+  e <- get_expression(object, delayed = TRUE)
+  res <- celltypist_run(e$matrix, e$cells, model, mode, p_thres, majority_voting,
+                        over_clustering, min_prop, conf_by, normalize, n_threads, call,
+                        BPPARAM = BPPARAM)
   out <- res$table
   names(out) <- paste0(check_prefix(prefix, call), names(out))
   if (isTRUE(return_probabilities)) {
@@ -182,16 +188,17 @@ annotate_celltypist.Seurat <- function(object, model, ..., assay = NULL, layer =
                                        min_prop = 0,
                                        conf_by = c("predicted_labels", "majority_voting"),
                                        normalize = FALSE, return_probabilities = FALSE,
-                                       prefix = "celltypist_", n_threads = NULL) {
+                                       prefix = "celltypist_", n_threads = NULL,
+                                       BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  e <- get_expression(object, assay = assay, layer = layer)
+  e <- get_expression(object, assay = assay, layer = layer, delayed = TRUE)
   neighbors <- if (isTRUE(majority_voting) && is.null(over_clustering)) {
     list(graph = seurat_graph(object, assay))
   }
   res <- celltypist_run(e$matrix, e$cells, model, mode, p_thres, majority_voting,
                         over_clustering, min_prop, conf_by, normalize, n_threads, call,
-                        neighbors = neighbors)
+                        neighbors = neighbors, BPPARAM = BPPARAM)
   celltypist_add(object, res, prefix, return_probabilities, call)
 }
 
@@ -204,10 +211,11 @@ annotate_celltypist.SummarizedExperiment <- function(object, model, ..., assay =
                                                      conf_by = c("predicted_labels", "majority_voting"),
                                                      normalize = FALSE,
                                                      return_probabilities = FALSE,
-                                                     prefix = "celltypist_", n_threads = NULL) {
+                                                     prefix = "celltypist_", n_threads = NULL,
+                                                     BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  e <- get_expression(object, assay = assay)
+  e <- get_expression(object, assay = assay, delayed = TRUE)
   neighbors <- if (isTRUE(majority_voting) && is.null(over_clustering) &&
                    methods::is(object, "SingleCellExperiment") &&
                    "PCA" %in% SingleCellExperiment::reducedDimNames(object)) {
@@ -215,7 +223,7 @@ annotate_celltypist.SummarizedExperiment <- function(object, model, ..., assay =
   }
   res <- celltypist_run(e$matrix, e$cells, model, mode, p_thres, majority_voting,
                         over_clustering, min_prop, conf_by, normalize, n_threads, call,
-                        neighbors = neighbors)
+                        neighbors = neighbors, BPPARAM = BPPARAM)
   celltypist_add(object, res, prefix, return_probabilities, call)
 }
 
@@ -228,7 +236,8 @@ check_prefix <- function(prefix, call) {
 
 # Prediction + optional vote; returns list(table, probability, decision).
 celltypist_run <- function(m, cells, model, mode, p_thres, majority_voting, over_clustering,
-                           min_prop, conf_by, normalize, n_threads, call, neighbors = NULL) {
+                           min_prop, conf_by, normalize, n_threads, call, neighbors = NULL,
+                           BPPARAM = NULL) {
   model <- check_celltypist_model(model, call)
   mode <- rlang::arg_match(mode, c("best match", "prob match"), error_call = call)
   conf_by <- rlang::arg_match(conf_by, c("predicted_labels", "majority_voting"), error_call = call)
@@ -236,19 +245,30 @@ celltypist_run <- function(m, cells, model, mode, p_thres, majority_voting, over
   min_prop <- check_number(min_prop, call = call)
   majority_voting <- check_flag(majority_voting, call = call)
   normalize <- check_flag(normalize, call = call)
-  m <- as_expr_matrix(m, call = call)
+  if (!is_block_matrix(m)) m <- as_expr_matrix(m, call = call)
   if (is.null(rownames(m))) {
     abort_scannot("The expression matrix needs gene symbols as row names to match the model's features.",
                   "input", call = call)
   }
   threads <- scannot_threads(n_threads)
-  if (normalize) m <- normalize_counts(m, n_threads = threads)
-  a <- matrix_args(m)
-  r <- rs_call(rs_celltypist_predict(
-    a$p, a$i, a$x, a$nrow, a$ncol, a$dense, rownames(m), model$features, model$cell_types,
-    nrow(model$coef), as.double(model$coef), as.double(model$intercept),
-    as.double(model$scaler$mean), as.double(model$scaler$scale), isTRUE(model$scaler$with_mean),
-    TRUE, mode == "prob match", p_thres, threads), call = call)
+  BPPARAM <- check_bpparam(BPPARAM, call)
+  k <- length(model$cell_types)
+  if (is.null(BPPARAM) && !is_block_matrix(m)) {
+    r <- celltypist_predict_block(m, model, normalize, mode, p_thres, threads)
+    prob <- matrix(r$probability, ncol = k)
+    dec <- matrix(r$decision, ncol = k)
+  } else {
+    # cell blocks (each cell's prediction depends on that cell only), combined in order
+    parts <- cell_block_apply(m, celltypist_predict_block, model = model,
+                              normalize = normalize, mode = mode, p_thres = p_thres,
+                              threads = threads, BPPARAM = BPPARAM, call = call)
+    r <- list(first_cell_sum = parts[[1]]$first_cell_sum,
+              best = unlist(lapply(parts, `[[`, "best"), use.names = FALSE),
+              prob_labels = unlist(lapply(parts, `[[`, "prob_labels"), use.names = FALSE))
+    prob <- rbind_vectors(parts, "probability", k)
+    dec <- rbind_vectors(parts, "decision", k)
+    rm(parts)
+  }
   n <- ncol(m)
   if (n > 0L && abs(r$first_cell_sum - 1e4) > 1) {
     rlang::warn(sprintf(paste0(
@@ -260,8 +280,8 @@ celltypist_run <- function(m, cells, model, mode, p_thres, majority_voting, over
   classes <- model$cell_types
   cell_names <- colnames(m)
   dn <- list(cell_names, classes)
-  prob <- matrix(r$probability, n, length(classes), dimnames = dn)
-  dec <- matrix(r$decision, n, length(classes), dimnames = dn)
+  dimnames(prob) <- dn
+  dimnames(dec) <- dn
   labels <- if (mode == "best match") classes[r$best] else r$prob_labels
   tab <- data.frame(predicted_labels = py_factor(labels), row.names = cell_names)
   conf <- if (n > 0L) do.call(pmax, unname(as.data.frame(prob))) else numeric()
@@ -272,6 +292,10 @@ celltypist_run <- function(m, cells, model, mode, p_thres, majority_voting, over
   }
   if (majority_voting) {
     oc <- if (is.null(over_clustering)) {
+      if (is_block_matrix(m) && is.null(neighbors$graph) && is.null(neighbors$pca)) {
+        abort_scannot("Majority voting on an out-of-core matrix needs `over_clustering` (a metadata column or one cluster label per cell), a Seurat graph or a SingleCellExperiment PCA: the automatic over-clustering would load the whole matrix.",
+                      "over_clustering", call = call)
+      }
       celltypist_over_cluster(m, neighbors, threads, call)
     } else {
       over_cluster_labels(over_clustering, cells, n, call)
@@ -293,6 +317,17 @@ celltypist_run <- function(m, cells, model, mode, p_thres, majority_voting, over
   }
   tab$conf_score <- conf
   list(table = tab, probability = prob, decision = dec)
+}
+
+# The Rust prediction of the cells of `m` (in memory); vectors as the glue returns them.
+celltypist_predict_block <- function(m, model, normalize, mode, p_thres, threads) {
+  if (normalize) m <- normalize_counts(m, n_threads = threads)
+  a <- matrix_args(m)
+  rs_call(rs_celltypist_predict(
+    a$p, a$i, a$x, a$nrow, a$ncol, a$dense, rownames(m), model$features, model$cell_types,
+    nrow(model$coef), as.double(model$coef), as.double(model$intercept),
+    as.double(model$scaler$mean), as.double(model$scaler$scale), isTRUE(model$scaler$with_mean),
+    TRUE, mode == "prob match", p_thres, threads))
 }
 
 # A factor with levels in Python's sort order (code points), as pandas' categorical.

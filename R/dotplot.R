@@ -31,6 +31,9 @@
 #' @param na_rm Leave out cells whose group is `NA` (scanpy's behaviour). By
 #'   default such cells are an error.
 #' @param n_threads Threads (default: option `scannot.threads`, else all cores).
+#' @param BPPARAM `NULL` (default: in process) or a BiocParallel parameter object: the
+#'   marker genes are split into blocks computed in worker processes, with the same
+#'   result (see [scannot_scale_out]).
 #' @return A data frame with one row per group and marker: `group` (factor),
 #'   `gene`, `marker_set` (factor, in the order of `markers`), `gene_pos`
 #'   (position of the marker in the plot), `mean`, `fraction` (0..1),
@@ -49,12 +52,12 @@ dotplot_data <- function(object, markers, group_by, ...) {
 dotplot_data.default <- function(object, markers, group_by, ..., expression_cutoff = 0,
                                  mean_only_expressed = FALSE,
                                  standard_scale = c("none", "var", "group"), log = FALSE,
-                                 na_rm = FALSE, n_threads = NULL) {
+                                 na_rm = FALSE, n_threads = NULL, BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  e <- get_expression(object)
+  e <- get_expression(object, delayed = TRUE)
   dotplot_compute(e, markers, group_by, expression_cutoff, mean_only_expressed,
-                  standard_scale, log, na_rm, n_threads, call)
+                  standard_scale, log, na_rm, n_threads, call, BPPARAM)
 }
 
 #' @rdname dotplot_data
@@ -62,12 +65,12 @@ dotplot_data.default <- function(object, markers, group_by, ..., expression_cuto
 dotplot_data.Seurat <- function(object, markers, group_by, ..., assay = NULL, layer = "data",
                                 expression_cutoff = 0, mean_only_expressed = FALSE,
                                 standard_scale = c("none", "var", "group"), log = FALSE,
-                                na_rm = FALSE, n_threads = NULL) {
+                                na_rm = FALSE, n_threads = NULL, BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  e <- get_expression(object, assay = assay, layer = layer)
+  e <- get_expression(object, assay = assay, layer = layer, delayed = TRUE)
   dotplot_compute(e, markers, group_by, expression_cutoff, mean_only_expressed,
-                  standard_scale, log, na_rm, n_threads, call)
+                  standard_scale, log, na_rm, n_threads, call, BPPARAM)
 }
 
 #' @rdname dotplot_data
@@ -75,16 +78,18 @@ dotplot_data.Seurat <- function(object, markers, group_by, ..., assay = NULL, la
 dotplot_data.SummarizedExperiment <- function(object, markers, group_by, ..., assay = "logcounts",
                                               expression_cutoff = 0, mean_only_expressed = FALSE,
                                               standard_scale = c("none", "var", "group"),
-                                              log = FALSE, na_rm = FALSE, n_threads = NULL) {
+                                              log = FALSE, na_rm = FALSE, n_threads = NULL,
+                                              BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  e <- get_expression(object, assay = assay)
+  e <- get_expression(object, assay = assay, delayed = TRUE)
   dotplot_compute(e, markers, group_by, expression_cutoff, mean_only_expressed,
-                  standard_scale, log, na_rm, n_threads, call)
+                  standard_scale, log, na_rm, n_threads, call, BPPARAM)
 }
 
 dotplot_compute <- function(e, markers, group_by, expression_cutoff, mean_only_expressed,
-                            standard_scale, log, na_rm, n_threads, call) {
+                            standard_scale, log, na_rm, n_threads, call, BPPARAM = NULL) {
+  BPPARAM <- check_bpparam(BPPARAM, call)
   markers <- check_markers(markers, call = call)
   standard_scale <- rlang::arg_match(standard_scale, c("none", "var", "group"), error_call = call)
   expression_cutoff <- check_number(expression_cutoff)
@@ -115,11 +120,9 @@ dotplot_compute <- function(e, markers, group_by, expression_cutoff, mean_only_e
     flat <- flat[!is.na(row)]
     row <- row[!is.na(row)]
   }
-  a <- matrix_args(m)
   codes <- as.integer(g) - 1L
-  r <- rs_call(rs_dotplot(a$p, a$i, a$x, a$nrow, a$ncol, a$dense, row - 1L, codes,
-                          nlevels(g), expression_cutoff, mean_only_expressed,
-                          standard_scale, log, n_threads), call = call)
+  r <- dotplot_run(m, row, codes, nlevels(g), expression_cutoff, mean_only_expressed,
+                   standard_scale, log, n_threads, BPPARAM, call)
   ng <- nlevels(g)
   nk <- length(flat)
   set_levels <- unique(set)

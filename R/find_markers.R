@@ -28,6 +28,9 @@
 #' @param flavor `"scanpy"` or `"presto"`.
 #' @param log_base Base of the log of the values when it is not `e` (scanpy's
 #'   `uns["log1p"]["base"]`); affects the scanpy fold change only.
+#' @param BPPARAM `NULL` (default: one process, `n_threads` threads) or a
+#'   BiocParallel parameter object: genes are split into blocks tested in worker
+#'   processes, with the same result (see [scannot_scale_out]).
 #' @param store If `TRUE`, return the object with the table stored in it
 #'   (Seurat `Misc(object, "scannot_markers")`, SCE `metadata(object)$scannot_markers`)
 #'   instead of the table; get it back with [get_markers()].
@@ -52,11 +55,11 @@ find_markers <- function(object, group_by, ...) {
 #' @export
 find_markers.default <- function(object, group_by, ..., groups = NULL, reference = "rest",
                                  tie_correct = FALSE, flavor = c("scanpy", "presto"),
-                                 log_base = NULL, n_threads = NULL) {
+                                 log_base = NULL, n_threads = NULL, BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  markers_compute(get_expression(object), group_by, groups, reference, tie_correct, flavor,
-                  log_base, n_threads, call)
+  markers_compute(get_expression(object, delayed = TRUE), group_by, groups, reference,
+                  tie_correct, flavor, log_base, n_threads, call, BPPARAM)
 }
 
 #' @rdname find_markers
@@ -64,11 +67,12 @@ find_markers.default <- function(object, group_by, ..., groups = NULL, reference
 find_markers.Seurat <- function(object, group_by, ..., assay = NULL, layer = "data",
                                 groups = NULL, reference = "rest", tie_correct = FALSE,
                                 flavor = c("scanpy", "presto"), log_base = NULL,
-                                store = FALSE, n_threads = NULL) {
+                                store = FALSE, n_threads = NULL, BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  res <- markers_compute(get_expression(object, assay = assay, layer = layer), group_by,
-                         groups, reference, tie_correct, flavor, log_base, n_threads, call)
+  res <- markers_compute(get_expression(object, assay = assay, layer = layer, delayed = TRUE),
+                         group_by, groups, reference, tie_correct, flavor, log_base,
+                         n_threads, call, BPPARAM)
   if (isTRUE(check_flag(store))) {
     return(store_in_object(object, "scannot_markers", res))
   }
@@ -82,11 +86,12 @@ find_markers.SummarizedExperiment <- function(object, group_by, ..., assay = "lo
                                               tie_correct = FALSE,
                                               flavor = c("scanpy", "presto"),
                                               log_base = NULL, store = FALSE,
-                                              n_threads = NULL) {
+                                              n_threads = NULL, BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  res <- markers_compute(get_expression(object, assay = assay), group_by, groups, reference,
-                         tie_correct, flavor, log_base, n_threads, call)
+  res <- markers_compute(get_expression(object, assay = assay, delayed = TRUE), group_by,
+                         groups, reference, tie_correct, flavor, log_base, n_threads, call,
+                         BPPARAM)
   if (isTRUE(check_flag(store))) {
     return(store_in_object(object, "scannot_markers", res))
   }
@@ -104,7 +109,8 @@ get_markers <- function(object) {
 }
 
 markers_compute <- function(e, group_by, groups, reference, tie_correct, flavor, log_base,
-                            n_threads, call) {
+                            n_threads, call, BPPARAM = NULL) {
+  BPPARAM <- check_bpparam(BPPARAM, call)
   flavor <- rlang::arg_match(flavor, c("scanpy", "presto"), error_call = call)
   check_flag(tie_correct)
   n_threads <- scannot_threads(n_threads)
@@ -158,13 +164,12 @@ markers_compute <- function(e, group_by, groups, reference, tie_correct, flavor,
                             paste0("'", small, "'", collapse = ", ")), "groups", call = call)
     }
   }
-  a <- matrix_args(m)
   # presto drops NA cells; scanpy keeps them in the rest (negative codes)
   codes <- as.integer(g) - 1L
   codes[is.na(codes)] <- -1L
-  r <- rs_call(rs_wilcoxon(a$p, a$i, a$x, a$nrow, a$ncol, a$dense, codes, length(lv),
-                           if (is.null(groups)) integer() else match(tested, lv) - 1L,
-                           ref_code, tie_correct, flavor, log_base, n_threads), call = call)
+  r <- wilcoxon_run(m, codes, length(lv),
+                    if (is.null(groups)) integer() else match(tested, lv) - 1L,
+                    ref_code, tie_correct, flavor, log_base, n_threads, BPPARAM, call)
   grp <- factor(lv[r$group + 1L], levels = lv[r$tested + 1L])
   gene <- genes[r$gene + 1L]
   if (flavor == "presto") {

@@ -18,15 +18,30 @@ is_se <- function(x) methods::is(x, "SummarizedExperiment")
 #' @param assay Seurat: assay name (default: the default assay). SingleCellExperiment:
 #'   assay name (default `"logcounts"`).
 #' @param layer Seurat only: `"data"` (default), `"counts"` or `"scale.data"`.
-#' @return A list with `matrix` (a `dgCMatrix` or a double matrix), `cells`
+#' @param delayed What to do with an out-of-core matrix (a `DelayedMatrix` such as an
+#'   `HDF5Array::HDF5Matrix`, or an h5ad X from [open_h5ad_matrix()]): `FALSE`
+#'   (default) realises it in memory; `TRUE` returns it as it is, for the functions
+#'   that process it block by block (see [scannot_scale_out]).
+#' @return A list with `matrix` (a `dgCMatrix` or a double matrix; with `delayed =
+#'   TRUE` possibly the out-of-core matrix), `cells`
 #'   (data frame of cell metadata, `NULL` for matrices) and `features` (data frame
 #'   of feature metadata or `NULL`).
 #' @export
 #' @examples
 #' m <- Matrix::rsparsematrix(5, 4, 0.5)
 #' str(get_expression(m))
-get_expression <- function(object, assay = NULL, layer = NULL) {
+get_expression <- function(object, assay = NULL, layer = NULL, delayed = FALSE) {
   call <- rlang::caller_env()
+  check_flag(delayed, call = call)
+  if (inherits(object, "scannot_h5ad_matrix")) {
+    if (!is.null(assay) || !is.null(layer)) {
+      abort_scannot("`assay` and `layer` do not apply to an h5ad matrix; choose the layer in open_h5ad_matrix().",
+                    "input", call = call)
+    }
+    h <- unclass(object)
+    return(list(matrix = if (delayed) object else realize_block_matrix(object),
+                cells = h$obs, features = h$var))
+  }
   if (is_seurat(object)) {
     out <- seurat_expression(object, assay, layer, call)
   } else if (is_se(object)) {
@@ -42,7 +57,9 @@ get_expression <- function(object, assay = NULL, layer = NULL) {
     }
     out <- list(matrix = object, cells = NULL, features = NULL)
   }
-  out$matrix <- as_expr_matrix(out$matrix, call = call)
+  if (!(delayed && is_block_matrix(out$matrix))) {
+    out$matrix <- as_expr_matrix(out$matrix, call = call)
+  }
   out
 }
 
@@ -103,9 +120,8 @@ as_expr_matrix <- function(m, call = rlang::caller_env()) {
     return(methods::as(methods::as(methods::as(m, "CsparseMatrix"), "generalMatrix"), "dMatrix"))
   }
   if (methods::is(m, "Matrix")) m <- as.matrix(m)
-  if (methods::is(m, "DelayedArray") || methods::is(m, "DelayedMatrix")) {
-    m <- methods::as(m, "dgCMatrix")
-    return(m)
+  if (methods::is(m, "DelayedArray") || inherits(m, "scannot_h5ad_matrix")) {
+    return(as_expr_matrix(realize_block_matrix(m), call = call))
   }
   if (is.matrix(m) && (is.double(m) || is.integer(m))) {
     if (is.integer(m)) storage.mode(m) <- "double"

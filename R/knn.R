@@ -51,6 +51,9 @@
 #' @param prefix Select label columns by name prefix (scArches' behaviour) instead of
 #'   exact names.
 #' @param n_threads Threads (default: option `scannot.threads`, else all cores).
+#' @param BPPARAM `NULL` (default: in process) or a BiocParallel parameter object: the
+#'   query cells are split into blocks searched in worker processes (each builds the
+#'   reference index), with the same result (see [scannot_scale_out]).
 #' @return The query with new cell-metadata columns per label column `<col>`:
 #'   `<col>_transfer` (the transferred label: a factor with the reference's levels
 #'   when the reference column is a factor, otherwise character; `NA` only when every
@@ -77,8 +80,9 @@
 knn_transfer <- function(query, reference, label_cols = NULL, k = 50, use_rep = NULL,
                          reference_rep = use_rep, reference_labels = NULL,
                          threshold = NULL, unknown_label = "Unknown", prefix = FALSE,
-                         n_threads = NULL) {
+                         n_threads = NULL, BPPARAM = NULL) {
   call <- rlang::current_env()
+  BPPARAM <- check_bpparam(BPPARAM, call)
   check_flag(prefix)
   unknown_label <- check_string(unknown_label)
   k <- check_number(k)
@@ -100,8 +104,12 @@ knn_transfer <- function(query, reference, label_cols = NULL, k = 50, use_rep = 
   coded <- lapply(names(labs), function(n) label_codes(labs[[n]], n, call))
   codes <- unlist(lapply(coded, `[[`, "codes"), use.names = FALSE)
   n_levels <- vapply(coded, function(cd) length(cd$levels), integer(1))
-  res <- rs_call(rs_knn_transfer(r, nrow(r), ncol(r), q, nrow(q), ncol(q), as.integer(k),
-                                 codes, n_levels, n_threads), call = call)
+  res <- if (is.null(BPPARAM)) {
+    rs_call(rs_knn_transfer(r, nrow(r), ncol(r), q, nrow(q), ncol(q), as.integer(k),
+                            codes, n_levels, n_threads), call = call)
+  } else {
+    knn_transfer_blocks(r, q, as.integer(k), codes, n_levels, n_threads, BPPARAM, call)
+  }
   nq <- nrow(q)
   cols <- list()
   for (j in seq_along(coded)) {

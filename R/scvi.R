@@ -208,28 +208,28 @@ scvi_alignment_message <- function(al) {
 }
 
 # Default matrices for scVI: raw counts.
-scvi_expression <- function(object, assay, layer, call) {
+scvi_expression <- function(object, assay, layer, call, delayed = FALSE) {
   if (is_seurat(object)) {
-    get_expression(object, assay = assay, layer = layer %||% "counts")
+    get_expression(object, assay = assay, layer = layer %||% "counts", delayed = delayed)
   } else if (is_se(object)) {
     if (!is.null(layer)) {
       abort_scannot("`layer` applies to Seurat objects; for a SingleCellExperiment name the assay with `assay`.",
                     "layer", call = call)
     }
-    get_expression(object, assay = assay %||% "counts")
+    get_expression(object, assay = assay %||% "counts", delayed = delayed)
   } else {
-    get_expression(object, assay = assay, layer = layer)
+    get_expression(object, assay = assay, layer = layer, delayed = delayed)
   }
 }
 
 # Align the rows of `object`'s matrix to the reference genes `ref`.
 # Returns list(x = aligned matrix with attribute "alignment", cells = cell metadata).
-scvi_align <- function(object, ref, by, min_fraction, assay, layer, call) {
+scvi_align <- function(object, ref, by, min_fraction, assay, layer, call, delayed = FALSE) {
   min_fraction <- check_number(min_fraction, call = call)
   if (min_fraction < 0 || min_fraction > 1) {
     abort_scannot("`min_fraction` is a fraction and must lie in 0..1.", "input", call = call)
   }
-  e <- scvi_expression(object, assay, layer, call)
+  e <- scvi_expression(object, assay, layer, call, delayed = delayed)
   m <- e$matrix
   ids <- scvi_gene_ids(m, e$features, by, call)
   pos <- match(ref, ids)
@@ -245,12 +245,26 @@ scvi_align <- function(object, ref, by, min_fraction, assay, layer, call) {
                           if (identical(by, "name")) "row name" else sprintf("'%s'", by),
                           100 * min_fraction), "genes", call = call)
   }
+  al$reordered <- !identical(pos[found], sort(pos[found]))
+  if (is_block_matrix(m)) {
+    # out-of-core: aligned block by block (scvi_align_matrix) when the cells are read
+    x <- structure(list(m = m, ref = ref, pos = pos, found = found),
+                   class = "scannot_scvi_lazy")
+  } else {
+    x <- scvi_align_matrix(m, ref, pos, found)
+  }
+  attr(x, "alignment") <- al
+  list(x = x, cells = e$cells)
+}
+
+# Rows of `m` in the model's gene order `ref`: pos = match(ref, ids), found = !is.na(pos).
+scvi_align_matrix <- function(m, ref, pos, found) {
   cells <- colnames(m)
+  n_found <- sum(found)
   if (n_found == length(ref) && nrow(m) == length(ref) && identical(pos, seq_along(ref))) {
     x <- m # already the model's genes in the model's order: no copy
     if (!identical(rownames(x), ref)) rownames(x) <- ref
   } else if (methods::is(m, "dgCMatrix")) {
-    al$reordered <- !identical(pos[found], sort(pos[found]))
     # selection then row permutation into the model's order, zero rows for missing genes
     sub <- m[pos[found], , drop = FALSE]
     perm <- Matrix::sparseMatrix(i = which(found), j = seq_len(n_found), x = 1,
@@ -259,12 +273,10 @@ scvi_align <- function(object, ref, by, min_fraction, assay, layer, call) {
     x <- methods::as(x, "dgCMatrix")
     dimnames(x) <- list(ref, cells)
   } else {
-    al$reordered <- !identical(pos[found], sort(pos[found]))
     x <- matrix(0, length(ref), ncol(m), dimnames = list(ref, cells))
     x[found, ] <- m[pos[found], , drop = FALSE]
   }
-  attr(x, "alignment") <- al
-  list(x = x, cells = e$cells)
+  x
 }
 
 scvi_gene_ids <- function(m, features, by, call) {
@@ -370,9 +382,10 @@ scvi_cell_values <- function(cells, key, n_cells, what, call) {
 #' @noRd
 scvi_prepare_query <- function(object, model, batch_key = NULL, assay = NULL, layer = NULL,
                                by = "name", covariates = NULL, min_fraction = 0.5,
-                               need_batch = TRUE, call = rlang::caller_env()) {
+                               need_batch = TRUE, call = rlang::caller_env(),
+                               delayed = FALSE) {
   model <- check_scvi_model(model, call)
-  a <- scvi_align(object, model$genes, by, min_fraction, assay, layer, call)
+  a <- scvi_align(object, model$genes, by, min_fraction, assay, layer, call, delayed = delayed)
   x <- a$x
   report <- attr(x, "alignment")
   attr(x, "alignment") <- NULL
@@ -461,6 +474,10 @@ scvi_prepare_query <- function(object, model, batch_key = NULL, assay = NULL, la
 #'   `"scVI_"`), SingleCellExperiment `reducedDim` (default `"X_scVI"`).
 #' @param batch_size Cells per parallel work unit (the result does not depend on it).
 #' @param n_threads Number of threads (see [scannot_threads()]).
+#' @param BPPARAM `NULL` (default: in process) or a BiocParallel parameter object: cells
+#'   are split into blocks encoded in worker processes (each reloads the model from
+#'   `model$path`), with the same result. An out-of-core `object` (a `DelayedMatrix`,
+#'   [open_h5ad_matrix()]) is read in cell blocks either way (see [scannot_scale_out]).
 #' @param assay,layer Seurat: assay and layer (default `"counts"`);
 #'   SingleCellExperiment: assay (default `"counts"`).
 #' @param verbose Report the gene alignment.
@@ -483,11 +500,13 @@ scvi_latent <- function(object, model, ...) UseMethod("scvi_latent")
 scvi_latent.default <- function(object, model, batch_key = NULL, ..., give_mean = TRUE,
                                 allow_new_batches = FALSE, by = "name", min_fraction = 0.5,
                                 covariates = NULL, return_variance = FALSE,
-                                batch_size = 128, n_threads = NULL, verbose = FALSE) {
+                                batch_size = 128, n_threads = NULL, verbose = FALSE,
+                                BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
   r <- scvi_latent_run(object, model, batch_key, NULL, NULL, give_mean, allow_new_batches,
-                       by, min_fraction, covariates, batch_size, n_threads, verbose, call)
+                       by, min_fraction, covariates, batch_size, n_threads, verbose, call,
+                       BPPARAM)
   out <- r$latent
   if (isTRUE(return_variance)) attr(out, "variance") <- r$variance
   out
@@ -499,12 +518,14 @@ scvi_latent.Seurat <- function(object, model, batch_key = NULL, ..., assay = NUL
                                layer = "counts", give_mean = TRUE,
                                allow_new_batches = FALSE, by = "name", min_fraction = 0.5,
                                covariates = NULL, return_variance = FALSE, name = "scvi",
-                               batch_size = 128, n_threads = NULL, verbose = FALSE) {
+                               batch_size = 128, n_threads = NULL, verbose = FALSE,
+                               BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
   name <- check_string(name)
   r <- scvi_latent_run(object, model, batch_key, assay, layer, give_mean, allow_new_batches,
-                       by, min_fraction, covariates, batch_size, n_threads, verbose, call)
+                       by, min_fraction, covariates, batch_size, n_threads, verbose, call,
+                       BPPARAM)
   assay <- assay %||% SeuratObject::DefaultAssay(object)
   object[[name]] <- SeuratObject::CreateDimReducObject(embeddings = r$latent, key = "scVI_",
                                                        assay = assay)
@@ -522,7 +543,7 @@ scvi_latent.SummarizedExperiment <- function(object, model, batch_key = NULL, ..
                                              min_fraction = 0.5, covariates = NULL,
                                              return_variance = FALSE, name = "X_scVI",
                                              batch_size = 128, n_threads = NULL,
-                                             verbose = FALSE) {
+                                             verbose = FALSE, BPPARAM = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
   name <- check_string(name)
@@ -531,7 +552,8 @@ scvi_latent.SummarizedExperiment <- function(object, model, batch_key = NULL, ..
                   "input", call = call)
   }
   r <- scvi_latent_run(object, model, batch_key, assay, NULL, give_mean, allow_new_batches,
-                       by, min_fraction, covariates, batch_size, n_threads, verbose, call)
+                       by, min_fraction, covariates, batch_size, n_threads, verbose, call,
+                       BPPARAM)
   SingleCellExperiment::reducedDim(object, name) <- r$latent
   if (isTRUE(return_variance)) {
     object <- store_in_object(object, paste0(name, "_variance"), r$variance)
@@ -541,7 +563,8 @@ scvi_latent.SummarizedExperiment <- function(object, model, batch_key = NULL, ..
 
 scvi_latent_run <- function(object, model, batch_key, assay, layer, give_mean,
                             allow_new_batches, by, min_fraction, covariates, batch_size,
-                            n_threads, verbose, call) {
+                            n_threads, verbose, call, BPPARAM = NULL) {
+  BPPARAM <- check_bpparam(BPPARAM, call)
   check_flag(give_mean, call = call)
   check_flag(allow_new_batches, call = call)
   check_flag(verbose, call = call)
@@ -555,7 +578,7 @@ scvi_latent_run <- function(object, model, batch_key, assay, layer, give_mean,
   # is no error for the latent
   enc_batch <- isTRUE(model$encode_covariates) && model$n_batch > 1L
   q <- scvi_prepare_query(object, model, batch_key, assay, layer, by, covariates,
-                          min_fraction, need_batch = enc_batch, call = call)
+                          min_fraction, need_batch = enc_batch, call = call, delayed = TRUE)
   if (verbose) scvi_alignment_message(q$report)
   if (length(q$new_levels)) {
     shown <- paste(utils::head(q$new_levels, 5), collapse = ", ")
@@ -575,12 +598,17 @@ scvi_latent_run <- function(object, model, batch_key, assay, layer, give_mean,
                             k, paste(utils::head(nl, 5), collapse = ", ")), "batch", call = call)
     }
   }
-  a <- matrix_args(q$x)
   cats <- lapply(q$categorical, function(c) as.integer(c$codes))
-  r <- rs_call(rs_scvi_latent(model$handle$ptr, a$p, a$i, a$x, a$nrow, a$ncol, a$dense,
-                              if (enc_batch) q$batch else integer(), unname(cats),
-                              unname(q$continuous), as.integer(batch_size), n_threads),
-               call = call)
+  if (is.null(BPPARAM) && !inherits(q$x, "scannot_scvi_lazy")) {
+    a <- matrix_args(q$x)
+    r <- rs_call(rs_scvi_latent(model$handle$ptr, a$p, a$i, a$x, a$nrow, a$ncol, a$dense,
+                                if (enc_batch) q$batch else integer(), unname(cats),
+                                unname(q$continuous), as.integer(batch_size), n_threads),
+                 call = call)
+  } else {
+    r <- scvi_latent_blocks(q, model, if (enc_batch) q$batch else integer(), unname(cats),
+                            as.integer(batch_size), n_threads, BPPARAM, call)
+  }
   if (isTRUE(r$non_integer)) warn_not_counts()
   dn <- list(q$cells, paste0("scVI_", seq_len(r$n_latent)))
   mean <- matrix(r$mean, r$n_cells, r$n_latent, dimnames = dn)

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 PKGS="r-base-dev r-cran-matrix r-cran-ggplot2 r-cran-rlang r-cran-testthat r-cran-jsonlite r-cran-igraph r-cran-irlba r-cran-processx
       r-cran-knitr r-cran-rmarkdown r-cran-roxygen2 r-cran-seuratobject
-      r-bioc-singlecellexperiment r-cran-uwot r-cran-cli pandoc pkg-config libhdf5-dev"
+      r-bioc-singlecellexperiment r-cran-uwot r-cran-cli pandoc pkg-config libhdf5-dev
+      r-bioc-biocparallel r-bioc-hdf5array"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
