@@ -5,6 +5,11 @@
 #   Rscript bench/wilcoxon_1m.R [n_cells] [genes_per_cell]
 source(file.path("bench", "common.R"))
 args <- commandArgs(trailingOnly = TRUE)
+loadavg <- function() paste(strsplit(readLines("/proc/loadavg"), " ")[[1]][1:3], collapse = " ")
+mem_avail_gb <- as.numeric(sub("[^0-9]*([0-9]+).*", "\\1",
+                               grep("^MemAvailable:", readLines("/proc/meminfo"), value = TRUE))) / 2^20
+cat(sprintf("start: load average %s, %.1f GB available, %d threads\n", loadavg(), mem_avail_gb,
+            bench_threads))
 n_cells <- if (length(args) >= 1) as.numeric(args[1]) else 1e6
 gpc <- if (length(args) >= 2) as.numeric(args[2]) else 600
 n_genes <- 20000
@@ -28,8 +33,7 @@ peak <- rss_kb("VmHWM") / 2^20
 t <- st[["elapsed"]]
 cpu <- st[["user.self"]] + st[["sys.self"]]
 cat(sprintf("find_markers (scanpy flavour, %d groups, all genes, %d threads): %.1f s wall, %.1f s CPU (load average %s)\n",
-            nlevels(g), bench_threads, t, cpu,
-            paste(strsplit(readLines("/proc/loadavg"), " ")[[1]][1:3], collapse = " ")))
+            nlevels(g), bench_threads, t, cpu, loadavg()))
 cat(sprintf("RSS: %.2f GB before, peak %.2f GB during find_markers = %.2fx the dgCMatrix (extra %.2f GB = %.2fx)\n",
             rss0, peak, peak / size_gb, peak - rss0, (peak - rss0) / size_gb))
 cat(sprintf("result: %d rows; top marker per group: %s\n", nrow(res),
