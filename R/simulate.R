@@ -52,8 +52,12 @@ simulate_counts <- function(n_cells = 2000, n_genes = 2000, n_types = 8, n_batch
                            if (is.null(genes_per_cell)) NaN else check_number(genes_per_cell),
                            n_threads), call = call)
   cells <- sprintf("cell%06d", seq_len(r$ncol))
+  # the SingleCellExperiment gets assays without dimnames (its constructor otherwise
+  # strips them, copying and re-validating each matrix: most of the construction time)
+  # and takes the names itself
   counts <- new("dgCMatrix", i = r$i, p = r$p, x = r$x, Dim = c(r$nrow, r$ncol),
-                Dimnames = list(r$genes, cells))
+                Dimnames = if (as == "SingleCellExperiment") list(NULL, NULL) else
+                  list(r$genes, cells))
   meta <- data.frame(
     cell_type = factor(r$type_names[r$cell_type], levels = r$type_names),
     batch = factor(paste0("batch", r$batch), levels = paste0("batch", seq_len(n_batches))),
@@ -63,9 +67,11 @@ simulate_counts <- function(n_cells = 2000, n_genes = 2000, n_types = 8, n_batch
     list = list(counts = counts, cells = meta),
     SingleCellExperiment = {
       rlang::check_installed("SingleCellExperiment")
-      SingleCellExperiment::SingleCellExperiment(
+      sce <- SingleCellExperiment::SingleCellExperiment(
         assays = list(counts = counts, logcounts = normalize_counts(counts, n_threads = n_threads)),
         colData = S4Vectors::DataFrame(meta, check.names = FALSE))
+      rownames(sce) <- r$genes
+      sce
     },
     Seurat = {
       rlang::check_installed("SeuratObject")

@@ -106,7 +106,11 @@ default_markers <- function() {
 #' It writes into `out_dir`: `annotated.rds` (the object with all new metadata columns
 #' and the `PCA`/`UMAP` (and `scVI`) reductions), `labels.csv` (one row per cell),
 #' `top_markers.csv`, `dotplot.csv`, `plots/*.png`, `steps.csv` (timings) and, with
-#' `report = TRUE`, `report.html` ([annotation_report()]).
+#' `report = TRUE`, `report.html` ([annotation_report()]). `annotated.rds` and the
+#' checkpoints are written uncompressed (native binary serialisation, read by
+#' [readRDS()]; about 1.3 GB for the 28,911 default cells with their counts and
+#' logcounts), `annotated.rds` by a forked process while the plots and the report are
+#' made.
 #'
 #' **Checkpoints.** Each step's result is saved to `out_dir/checkpoints/<step>.rds`
 #' (written to a temporary file and renamed, so a killed run never leaves a partial
@@ -146,7 +150,8 @@ default_markers <- function() {
 #' @param default_cells Number of cells of the default data (100 to 50,000).
 #' @param umap_cells At most this many query cells go into the joint UMAP.
 #' @param scvi_epochs Epochs of scArches query training in the scVI step (`NULL`: the
-#'   scvi-tools heuristic, at most 400, with early stopping).
+#'   scvi-tools heuristic, at most 400, with early stopping). The step's note in
+#'   `steps` gives the epochs trained.
 #' @param seed Random seed (clustering, UMAP, subsampling).
 #' @param n_threads Threads (default: option `scannot.threads`, else all cores).
 #' @param quiet Suppress the progress lines.
@@ -250,7 +255,8 @@ run_annotation_workflow <- function(object = NULL, out_dir = "scannot-out", grou
     if (is.null(res)) {
       res <- workflow_steps[[s]](obj, state, ctx)
       status <- if (isTRUE(res$skipped)) "skipped" else "computed"
-      save_rds_atomic(list(key = key, step = s, result = res, time = Sys.time()), ck)
+      save_rds_atomic(list(key = key, step = s, result = res, time = Sys.time()), ck,
+                      compress = FALSE)
     }
     obj <- workflow_apply(obj, res)
     state[[s]] <- res$data
@@ -266,6 +272,10 @@ run_annotation_workflow <- function(object = NULL, out_dir = "scannot-out", grou
 
   # -- outputs (always rewritten)
   t0 <- proc.time()[["elapsed"]]
+  # annotated.rds (the largest output) is written by a forked child while the plots, the
+  # tables and the report are made; waited for before returning
+  wait_annotated <- write_rds_async(obj, file.path(out_dir, "annotated.rds"))
+  on.exit(try(wait_annotated(), silent = TRUE), add = TRUE)
   results <- workflow_results(obj, state, ctx, inp)
   plots <- workflow_plots(obj, results, file.path(out_dir, "plots"))
   md <- cell_metadata(obj)
@@ -275,7 +285,6 @@ run_annotation_workflow <- function(object = NULL, out_dir = "scannot-out", grou
   utils::write.csv(labels, file.path(out_dir, "labels.csv"), row.names = FALSE)
   utils::write.csv(results$top_markers, file.path(out_dir, "top_markers.csv"), row.names = FALSE)
   utils::write.csv(results$dotplot, file.path(out_dir, "dotplot.csv"), row.names = FALSE)
-  save_rds_atomic(obj, file.path(out_dir, "annotated.rds"), compress = 1)
   log_step("outputs", "computed", proc.time()[["elapsed"]] - t0,
            sprintf("%d plots, annotated.rds, labels.csv", length(plots)))
   log[nrow(log) + 1L, ] <- list("outputs", "computed", proc.time()[["elapsed"]] - t0, "")
@@ -290,6 +299,7 @@ run_annotation_workflow <- function(object = NULL, out_dir = "scannot-out", grou
     log_step("report", "computed", secs, "report.html")
     out$steps[nrow(out$steps) + 1L, ] <- list("report", "computed", secs, "")
   }
+  wait_annotated()
   total <- proc.time()[["elapsed"]] - t_all
   out$steps[nrow(out$steps) + 1L, ] <- list("total", "", total, "")
   utils::write.csv(out$steps, file.path(out_dir, "steps.csv"), row.names = FALSE)
@@ -306,11 +316,15 @@ print.scannot_workflow <- function(x, ...) {
 }
 
 # saveRDS to a temporary file in the same folder, then rename: readers never see a
-# partial file.
+# partial file. `compress = FALSE` writes the native (little-endian) binary format,
+# which readRDS() reads like any other: no byte swapping, no compression.
 save_rds_atomic <- function(x, path, compress = TRUE) {
   tmp <- tempfile(paste0(".", basename(path), "."), tmpdir = dirname(path))
   on.exit(unlink(tmp), add = TRUE)
-  if (is.numeric(compress)) {
+  if (isFALSE(compress)) {
+    con <- file(tmp, "wb")
+    tryCatch(serialize(x, con, xdr = FALSE), finally = close(con))
+  } else if (is.numeric(compress)) {
     con <- gzfile(tmp, "wb", compression = compress)
     saveRDS(x, con)
     close(con)
@@ -321,6 +335,31 @@ save_rds_atomic <- function(x, path, compress = TRUE) {
     abort_scannot(sprintf("Could not write '%s'.", path), "io")
   }
   invisible(path)
+}
+
+# Write `x` to `path` (uncompressed: serialising a 30k-cell object takes seconds, gzip
+# took most of a minute) in a forked child where the platform forks, else at once.
+# Returns a function that waits for the write (a no-op after the first call) and turns
+# its failure into an error.
+write_rds_async <- function(x, path) {
+  job <- NULL
+  if (.Platform$OS.type == "unix" && !isTRUE(getOption("scannot.workflow_sync_write"))) {
+    job <- tryCatch(parallel::mcparallel(save_rds_atomic(x, path, compress = FALSE),
+                                         silent = TRUE),
+                    error = function(e) NULL)
+  }
+  if (is.null(job)) save_rds_atomic(x, path, compress = FALSE)
+  done <- is.null(job)
+  function() {
+    if (done) return(invisible())
+    done <<- TRUE
+    r <- parallel::mccollect(job)[[1]]
+    if (is.null(r) || inherits(r, "try-error")) {
+      abort_scannot(sprintf("Could not write '%s'%s.", path, if (inherits(r, "try-error"))
+        paste0(": ", conditionMessage(attr(r, "condition"))) else ""), "io")
+    }
+    invisible()
+  }
 }
 
 # ---- input ---------------------------------------------------------------------------
@@ -479,7 +518,8 @@ workflow_steps <- list(
                   note = r$note))
     }
     list(reductions = list(scVI = r$latent),
-         data = list(columns = character(), method = r$method), note = r$note)
+         data = list(columns = character(), method = r$method, epochs = r$epochs,
+                     stopped_early = r$stopped_early), note = r$note)
   },
 
   transfer = function(obj, state, ctx) {
@@ -510,8 +550,14 @@ workflow_steps <- list(
                      check.names = FALSE)
     rl <- tr$reference_labels
     qd[[ctx$reference_label]] <- NULL
+    # the exact kNN of the joint cells (scannot's, threaded) instead of uwot's Annoy index
+    # build; joint_umap() stacks the reference rows first
+    x <- rbind(unname(as.matrix(tr$reference)), unname(as.matrix(q[keep, , drop = FALSE])))
+    nb <- knn_neighbors(x, x, k = min(15L, nrow(x) - 1L), n_threads = ctx$n_threads)
     u <- joint_umap(q[keep, , drop = FALSE], tr$reference, query_data = qd,
-                    reference_data = rl, seed = ctx$seed, n_threads = ctx$n_threads)
+                    reference_data = rl, seed = ctx$seed, n_threads = ctx$n_threads,
+                    nn_method = list(idx = nb$index, dist = nb$distance),
+                    n_epochs = if (nrow(x) > 10000) 100 else 200)
     u$label <- ifelse(u$dataset == "query", as.character(u$transfer_label),
                       as.character(u[[ctx$reference_label]]))
     list(data = list(columns = character(), umap = u, n_query = length(keep), n_total = n),
@@ -630,9 +676,20 @@ workflow_scvi <- function(obj, ctx) {
   if (is.null(z) || nrow(z) != ncol(obj)) {
     return(list(latent = NULL, note = sprintf("%s returned no latent of the query cells; joint PCA used instead", cap)))
   }
-  list(latent = z, method = cap,
-       note = sprintf("%s: %d-d latent", if (cap == "scvi_map_query")
-         "scvi_map_query (scArches surgery)" else "scvi_latent (reference encoder)", ncol(z)))
+  tr <- training_of(r)
+  epochs <- if (is.data.frame(tr$history)) nrow(tr$history) else NA_integer_
+  list(latent = z, method = cap, epochs = epochs, stopped_early = isTRUE(tr$stopped_early),
+       note = sprintf("%s: %d-d latent%s", if (cap == "scvi_map_query")
+         "scvi_map_query (scArches surgery)" else "scvi_latent (reference encoder)", ncol(z),
+         if (is.na(epochs)) "" else sprintf(", %d epochs%s", epochs,
+                                            if (isTRUE(tr$stopped_early)) " (early stop)" else "")))
+}
+
+# The training record scvi_map_query() stores in the object (history, stopped_early).
+training_of <- function(r) {
+  tr <- if (is_seurat(r)) r@misc[["scvi_training"]] else if (methods::is(r, "SingleCellExperiment"))
+    S4Vectors::metadata(r)[["X_scVI_training"]] else if (is.list(r)) r
+  if (is.list(tr)) tr else list()
 }
 
 latent_of <- function(r) {

@@ -109,6 +109,22 @@ test_that("a damaged or foreign checkpoint is recomputed, and writes are atomic"
   scannot:::save_rds_atomic(list(a = 1), p)
   expect_equal(readRDS(p), list(a = 1))
   expect_equal(list.files(dirname(p), all.files = TRUE, no.. = TRUE), "x.rds")
+  # uncompressed native serialisation (checkpoints, annotated.rds) reads back the same
+  big <- list(m = Matrix::rsparsematrix(50, 40, 0.1), s = letters, f = factor(c("a", "b")))
+  scannot:::save_rds_atomic(big, p, compress = FALSE)
+  expect_identical(readRDS(p), big)
+  # the forked writer: the file exists after the wait, no temporary file is left
+  q <- file.path(dirname(p), "y.rds")
+  wait <- scannot:::write_rds_async(big, q)
+  wait()
+  wait()
+  expect_identical(readRDS(q), big)
+  expect_setequal(list.files(dirname(p), all.files = TRUE, no.. = TRUE), c("x.rds", "y.rds"))
+  # a write that fails is an error of the waiting call (at once where nothing forks)
+  expect_error({
+    bad <- scannot:::write_rds_async(big, file.path(dirname(p), "no-such-dir", "z.rds"))
+    bad()
+  }, class = "scannot_error")
 })
 
 test_that("the workflow's outputs: columns, tables, plots, labels that make sense", {
@@ -163,6 +179,8 @@ test_that("the scVI step maps the query by scArches surgery into the reference's
   sc <- res$steps[res$steps$step == "scvi", ]
   expect_equal(scannot:::scvi_capability(), "scvi_map_query")
   expect_match(sc$note, "scvi_map_query")
+  # the epochs trained are reported (scvi_epochs = 3, no early stop that soon)
+  expect_match(sc$note, "3 epochs")
   expect_equal(res$results$embedding, "scVI latent")
   expect_equal(scannot:::latent_of(list(latent = matrix(1, 2, 2))), matrix(1, 2, 2))
 })
