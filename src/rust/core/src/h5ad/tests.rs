@@ -2,41 +2,13 @@ use super::*;
 use crate::ScError;
 
 fn fixture(name: &str) -> String {
-    no_file_locking();
     format!(
         "{}/../../../tests/testthat/fixtures/h5ad/{name}",
         env!("CARGO_MANIFEST_DIR")
     )
 }
 
-/// Tests run on parallel threads and every h5ad read forks a metadata-checking child
-/// (isolate.rs) that inherits the open file descriptors of the moment, HDF5's file locks
-/// included: a test that reopens a file it has just written could find it still locked by
-/// another test's short-lived child. Test files therefore go without HDF5 file locking.
-fn no_file_locking() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    // SAFETY (edition 2021: safe fn): set once, before this test's first HDF5 call.
-    ONCE.call_once(|| std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE"));
-}
-
-/// Open a file this test wrote, retrying while another test's forked child still holds
-/// an inherited descriptor (and with it a file lock) of it.
-fn open_written(path: &str) -> hdf5_metno::File {
-    let mut tries = 0;
-    loop {
-        match hdf5_metno::File::open(path) {
-            Ok(f) => return f,
-            Err(e) if tries >= 100 => panic!("cannot reopen {path}: {e}"),
-            Err(_) => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        }
-    }
-}
-
 fn tmp(name: &str) -> String {
-    no_file_locking();
     let dir = std::env::temp_dir().join(format!("scannot-h5ad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name).to_string_lossy().into_owned()
@@ -688,7 +660,7 @@ fn direct_reads_match_hdf5() {
             .unwrap();
         ds.write_slice(&i32s[..1000], 0..1000).unwrap();
     }
-    let f = open_written(&path);
+    let f = h5::File::open(&path).unwrap();
     let file = std::fs::File::open(&path).unwrap();
     let mut x = vec![0.0f64; n];
     direct::read(&f.dataset("contig_f64").unwrap(), &file, 0, &mut x)
@@ -749,4 +721,71 @@ fn corrupt_global_heap_is_a_format_error_not_a_hang() {
         Ok(Err(ScError::Format(m))) => assert!(m.contains("global heap"), "{m}"),
         other => panic!("expected a format error, got {other:?}"),
     }
+}
+
+/// The direct read checks the indices range by range as they arrive (1 << 18 entries a
+/// range): unsorted slices, also across range borders, come back sorted with their
+/// values; an index out of range or a duplicate is a format error, as in
+/// `check_compressed`.
+#[test]
+fn direct_sparse_read_checks_indices_across_ranges() {
+    let (major, per, minor) = (3000usize, 200usize, 1000i32);
+    let nnz = major * per;
+    let p: Vec<i32> = (0..=major).map(|k| (k * per) as i32).collect();
+    let sorted: Vec<i32> = (0..nnz).map(|t| (t % per) as i32 * 5).collect();
+    let xs: Vec<f64> = (0..nnz).map(|t| t as f64).collect();
+    // reverse two slices (one inside a range, the last one); rotate slice 1310, which
+    // spans the range border at 1 << 18 (262000..262200), so that both of its parts are
+    // sorted and only the pair across the border is out of order
+    let mut i = sorted.clone();
+    let mut x = xs.clone();
+    for k in [7usize, major - 1] {
+        i[k * per..(k + 1) * per].reverse();
+        x[k * per..(k + 1) * per].reverse();
+    }
+    let b = 1usize << 18;
+    let k = 1310;
+    assert!(b > k * per && b < (k + 1) * per);
+    let r = (k + 1) * per - b;
+    i[k * per..(k + 1) * per].rotate_left(r);
+    x[k * per..(k + 1) * per].rotate_left(r);
+    assert!(i[b - 1] > i[b] && i[k * per..b].windows(2).all(|w| w[0] < w[1]));
+    let write = |name: &str, i: &[i32]| {
+        let path = tmp(name);
+        let w = H5adWriter::create(&path).unwrap();
+        w.write_sparse("X", true, [major, minor as usize], &x, i, &p, false)
+            .unwrap();
+        w.finish().unwrap();
+        path
+    };
+    let path = write("ranges.h5ad", &i);
+    let s = H5ad::open(&path)
+        .unwrap()
+        .matrix("X")
+        .unwrap()
+        .read_sparse()
+        .unwrap();
+    assert_eq!(s.indices, sorted);
+    assert_eq!(s.indptr, p);
+    assert_eq!(s.data, Values::F64(xs));
+
+    let mut out_of_range = i.clone();
+    out_of_range[b + 5] = minor;
+    let path = write("ranges_bad.h5ad", &out_of_range);
+    let e = H5ad::open(&path)
+        .unwrap()
+        .matrix("X")
+        .unwrap()
+        .read_sparse();
+    assert!(matches!(e, Err(ScError::Format(m)) if m.contains("out of range")));
+
+    let mut dup = i.clone();
+    dup[b + 7] = dup[b + 6]; // inside a slice spanning no border: unsorted with a duplicate
+    let path = write("ranges_dup.h5ad", &dup);
+    let e = H5ad::open(&path)
+        .unwrap()
+        .matrix("X")
+        .unwrap()
+        .read_sparse();
+    assert!(matches!(e, Err(ScError::Format(m)) if m.contains("duplicate")));
 }
