@@ -129,21 +129,6 @@ pub(crate) fn read<T: Raw>(
     userblock: u64,
     out: &mut [T],
 ) -> Option<ScResult<()>> {
-    read_with(ds, file, userblock, out, None)
-}
-
-/// Work on a range of the output right after it is read (while it is in cache): gets
-/// the index of the range's first element and the range.
-pub(crate) type Post<'a, T> = &'a (dyn Fn(usize, &mut [T]) + Sync);
-
-/// [`read`], calling `post` on each range once it is read.
-pub(crate) fn read_with<T: Raw>(
-    ds: &Dataset,
-    file: &std::fs::File,
-    userblock: u64,
-    out: &mut [T],
-    post: Option<Post<'_, T>>,
-) -> Option<ScResult<()>> {
     if !cfg!(target_endian = "little") || userblock != 0 {
         return None;
     }
@@ -158,7 +143,7 @@ pub(crate) fn read_with<T: Raw>(
     // cut the pieces into tasks of at most 256 k elements (1-2 MB reads: the staging
     // buffer of a widening read stays in cache)
     const TASK: usize = 1 << 18;
-    let mut tasks: Vec<(usize, u64, &mut [T])> = Vec::new();
+    let mut tasks: Vec<(u64, &mut [T])> = Vec::new();
     let mut rest: &mut [T] = out;
     let mut done = 0usize;
     for pc in &pieces {
@@ -167,7 +152,7 @@ pub(crate) fn read_with<T: Raw>(
         while off < pc.len {
             let len = TASK.min(pc.len - off);
             let (a, b) = std::mem::take(&mut rest).split_at_mut(len);
-            tasks.push((pc.start + off, pc.addr + (off * esize) as u64, a));
+            tasks.push((pc.addr + (off * esize) as u64, a));
             rest = b;
             off += len;
         }
@@ -176,7 +161,7 @@ pub(crate) fn read_with<T: Raw>(
     Some(
         tasks
             .into_par_iter()
-            .try_for_each_init(Vec::<u8>::new, |buf, (first, addr, dst)| {
+            .try_for_each_init(Vec::<u8>::new, |buf, (addr, dst)| {
                 let short = |e: std::io::Error, len: usize| {
                     ScError::Format(format!(
                         "cannot read {len} bytes at offset {addr}: {e} (truncated or corrupt file)"
@@ -198,9 +183,6 @@ pub(crate) fn read_with<T: Raw>(
                         std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), len)
                     };
                     file.read_exact_at(bytes, addr).map_err(|e| short(e, len))?;
-                }
-                if let Some(f) = post {
-                    f(first, dst);
                 }
                 Ok(())
             }),

@@ -387,22 +387,17 @@ impl MatrixInfo {
         };
         direct::advise_huge(x);
         direct::advise_huge(i);
-        // unfiltered little-endian arrays: parallel reads straight from the file, the
-        // indices checked range by range as they arrive
+        // unfiltered little-endian arrays: parallel reads straight from the file
         if let Ok(file) = std::fs::File::open(&self.file_path) {
             let (ub, fp) = (self.userblock, &file);
-            if let Some(rp) = direct::read(ptr, fp, ub, p) {
+            let rd = direct::read(&self.data, fp, ub, x);
+            let ri = direct::read(ind, fp, ub, i);
+            let rp = direct::read(ptr, fp, ub, p);
+            if let (Some(rd), Some(ri), Some(rp)) = (rd, ri, rp) {
+                rd?;
+                ri?;
                 rp?;
-                check_indptr(&self.name, major, self.nnz, p)?;
-                let slices = SliceCheck::new(p, minor);
-                let post = |first: usize, chunk: &mut [i32]| slices.scan(first, chunk);
-                let rd = direct::read(&self.data, fp, ub, x);
-                let ri = direct::read_with(ind, fp, ub, i, Some(&post));
-                if let (Some(rd), Some(ri)) = (rd, ri) {
-                    rd?;
-                    ri?;
-                    return slices.finish(&self.name, i, x);
-                }
+                return check_compressed(&self.name, major, minor, self.nnz, p, i, x);
             }
         }
         if self.nnz > 0 {
@@ -509,9 +504,21 @@ pub(crate) fn check_compressed(
 ) -> ScResult<()> {
     use rayon::prelude::*;
     let bad = |what: String| ScError::Format(format!("sparse matrix '{name}' is corrupt: {what}"));
-    check_indptr(name, major, nnz, p)?;
+    if p.len() != major + 1 || p[0] != 0 || p[major] as i64 != nnz as i64 {
+        return Err(bad(format!(
+            "indptr must run from 0 to {nnz}, got {} to {}",
+            p.first().copied().unwrap_or(-1),
+            p.last().copied().unwrap_or(-1)
+        )));
+    }
     if i.len() != nnz || x.len() != nnz {
         return Err(bad("indices or values do not match indptr".into()));
+    }
+    for k in 0..major {
+        let (a, b) = (p[k], p[k + 1]);
+        if b < a || b as usize > nnz {
+            return Err(bad(format!("indptr decreases or exceeds {nnz} at {k}")));
+        }
     }
     // blocks of whole slices, about nnz / 64 entries each
     let target = (nnz / 64).max(1 << 16);
@@ -568,129 +575,6 @@ pub(crate) fn check_compressed(
         })
         .collect();
     results.into_iter().collect()
-}
-
-/// Check the pointers of a compressed sparse matrix: from 0 to `nnz`, never decreasing.
-fn check_indptr(name: &str, major: usize, nnz: usize, p: &[i32]) -> ScResult<()> {
-    let bad = |what: String| ScError::Format(format!("sparse matrix '{name}' is corrupt: {what}"));
-    if p.len() != major + 1 || p[0] != 0 || p[major] as i64 != nnz as i64 {
-        return Err(bad(format!(
-            "indptr must run from 0 to {nnz}, got {} to {}",
-            p.first().copied().unwrap_or(-1),
-            p.last().copied().unwrap_or(-1)
-        )));
-    }
-    for k in 0..major {
-        let (a, b) = (p[k], p[k + 1]);
-        if b < a || b as usize > nnz {
-            return Err(bad(format!("indptr decreases or exceeds {nnz} at {k}")));
-        }
-    }
-    Ok(())
-}
-
-/// The checks of [`check_compressed`] on indices that arrive range by range (valid
-/// pointers `p` first): [`SliceCheck::scan`] each range as it is read, then
-/// [`SliceCheck::finish`] compares across range borders and sorts unsorted slices.
-struct SliceCheck<'a> {
-    p: &'a [i32],
-    minor: usize,
-    /// first index out of range: (position, value)
-    bad: std::sync::Mutex<Option<(usize, i32)>>,
-    /// slices found unsorted, and the first positions of the ranges
-    unsorted: std::sync::Mutex<Vec<usize>>,
-    starts: std::sync::Mutex<Vec<usize>>,
-}
-
-impl<'a> SliceCheck<'a> {
-    fn new(p: &'a [i32], minor: usize) -> Self {
-        SliceCheck {
-            p,
-            minor,
-            bad: Default::default(),
-            unsorted: Default::default(),
-            starts: Default::default(),
-        }
-    }
-
-    /// The slice holding position `t` (`t < nnz`).
-    fn slice_of(&self, t: usize) -> usize {
-        self.p
-            .partition_point(|&q| q as usize <= t)
-            .saturating_sub(1)
-    }
-
-    fn scan(&self, first: usize, c: &mut [i32]) {
-        if c.is_empty() {
-            return;
-        }
-        let p = self.p;
-        let mut k = self.slice_of(first);
-        let (mut start, mut end) = (p[k] as usize, p[k + 1] as usize);
-        let mut bad = None;
-        let mut unsorted = Vec::new();
-        for (j, &v) in c.iter().enumerate() {
-            let t = first + j;
-            while t >= end {
-                k += 1;
-                (start, end) = (p[k] as usize, p[k + 1] as usize);
-            }
-            if (v < 0 || v as usize >= self.minor) && bad.is_none() {
-                bad = Some((t, v));
-            }
-            if j > 0 && t > start && c[j - 1] >= v && unsorted.last() != Some(&k) {
-                unsorted.push(k);
-            }
-        }
-        if let Some(b) = bad {
-            if let Ok(mut m) = self.bad.lock() {
-                if m.is_none_or(|(t, _)| b.0 < t) {
-                    *m = Some(b);
-                }
-            }
-        }
-        if !unsorted.is_empty() {
-            if let Ok(mut m) = self.unsorted.lock() {
-                m.extend(unsorted);
-            }
-        }
-        if let Ok(mut m) = self.starts.lock() {
-            m.push(first);
-        }
-    }
-
-    fn finish(&self, name: &str, i: &mut [i32], x: &mut [f64]) -> ScResult<()> {
-        let bad =
-            |what: String| ScError::Format(format!("sparse matrix '{name}' is corrupt: {what}"));
-        let lost = || bad("the index check failed".into());
-        if let Some((_, v)) = *self.bad.lock().map_err(|_| lost())? {
-            return Err(bad(format!("index {v} out of range 0..{}", self.minor)));
-        }
-        let mut unsorted = std::mem::take(&mut *self.unsorted.lock().map_err(|_| lost())?);
-        for &t in self.starts.lock().map_err(|_| lost())?.iter() {
-            if t > 0 && t < i.len() {
-                let k = self.slice_of(t);
-                if t > self.p[k] as usize && i[t - 1] >= i[t] {
-                    unsorted.push(k);
-                }
-            }
-        }
-        unsorted.sort_unstable();
-        unsorted.dedup();
-        for k in unsorted {
-            let (a, b) = (self.p[k] as usize, self.p[k + 1] as usize);
-            let mut pairs: Vec<(i32, f64)> = (a..b).map(|t| (i[t], x[t])).collect();
-            pairs.sort_by_key(|q| q.0);
-            if pairs.windows(2).any(|w| w[0].0 == w[1].0) {
-                return Err(bad(format!("duplicate index in slice {k}")));
-            }
-            for (t, (ii, xx)) in (a..b).zip(pairs) {
-                i[t] = ii;
-                x[t] = xx;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A string attribute (scalar or first element of an array), if present and readable.

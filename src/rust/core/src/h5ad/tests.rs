@@ -723,10 +723,9 @@ fn corrupt_global_heap_is_a_format_error_not_a_hang() {
     }
 }
 
-/// The direct read checks the indices range by range as they arrive (1 << 18 entries a
-/// range): unsorted slices, also across range borders, come back sorted with their
-/// values; an index out of range or a duplicate is a format error, as in
-/// `check_compressed`.
+/// A matrix larger than one parallel read task (1 << 18 entries) read by the direct
+/// path: unsorted slices, also one whose only unsorted pair straddles a task border, come
+/// back sorted with their values; an index out of range or a duplicate is a format error.
 #[test]
 fn direct_sparse_read_checks_indices_across_ranges() {
     let (major, per, minor) = (3000usize, 200usize, 1000i32);
