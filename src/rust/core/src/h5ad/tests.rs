@@ -2,13 +2,42 @@ use super::*;
 use crate::ScError;
 
 fn fixture(name: &str) -> String {
+    no_file_locking();
     format!(
         "{}/../../../tests/testthat/fixtures/h5ad/{name}",
         env!("CARGO_MANIFEST_DIR")
     )
 }
 
+/// Tests run on parallel threads and every h5ad read forks a metadata-checking child
+/// (isolate.rs) that inherits the open file descriptors of the moment, HDF5's file locks
+/// included: a test that reopens a file it has just written could find it still locked by
+/// another test's short-lived child (the child closes inherited descriptors at once, but
+/// between the fork and that close the lock lives on: 2 of 20 runs failed without this). Test files therefore go without HDF5 file locking.
+fn no_file_locking() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY (edition 2021: safe fn): set once, before this test's first HDF5 call.
+    ONCE.call_once(|| std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE"));
+}
+
+/// Open a file this test wrote, retrying while another test's forked child still holds
+/// an inherited descriptor (and with it a file lock) of it.
+fn open_written(path: &str) -> hdf5_metno::File {
+    let mut tries = 0;
+    loop {
+        match hdf5_metno::File::open(path) {
+            Ok(f) => return f,
+            Err(e) if tries >= 100 => panic!("cannot reopen {path}: {e}"),
+            Err(_) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 fn tmp(name: &str) -> String {
+    no_file_locking();
     let dir = std::env::temp_dir().join(format!("scannot-h5ad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name).to_string_lossy().into_owned()
@@ -660,7 +689,7 @@ fn direct_reads_match_hdf5() {
             .unwrap();
         ds.write_slice(&i32s[..1000], 0..1000).unwrap();
     }
-    let f = h5::File::open(&path).unwrap();
+    let f = open_written(&path);
     let file = std::fs::File::open(&path).unwrap();
     let mut x = vec![0.0f64; n];
     direct::read(&f.dataset("contig_f64").unwrap(), &file, 0, &mut x)
