@@ -64,6 +64,10 @@ rs_celltypist_write <- function(path, classifier, classes, features, n_rows, coe
 #' @noRd
 rs_knn_transfer <- function(reference, n_ref, ref_dim, query, n_query, query_dim, k, codes, n_levels, n_threads) .Call(wrap__rs_knn_transfer, reference, n_ref, ref_dim, query, n_query, query_dim, k, codes, n_levels, n_threads)
 
+#' Bytes of large matrix vectors currently held outside R's heap (for tests).
+#' @noRd
+rs_h5ad_mapped_bytes <- function() .Call(wrap__rs_h5ad_mapped_bytes)
+
 #' Structure of a file: which top-level elements and keys exist.
 #' @noRd
 rs_h5ad_keys <- function(path, group) .Call(wrap__rs_h5ad_keys, path, group)

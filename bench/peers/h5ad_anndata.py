@@ -19,11 +19,12 @@ if sys.argv[1] == "write":
     var = pd.DataFrame(index=open(f"{d}/genes.txt").read().split("\n")[:g])
     ad.AnnData(X=X, obs=obs, var=var).write_h5ad(f"{d}/seed.h5ad")
 else:
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(3):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         a = ad.read_h5ad(sys.argv[2])
         best = min(best, time.perf_counter() - t)
+        best_cpu = min(best_cpu, time.process_time() - c)
         nnz = a.X.nnz
         del a
-    print(f"anndata {AD_VERSION} read_h5ad: nnz={nnz} seconds={best:.4f}")
+    print(f"anndata {AD_VERSION} read_h5ad: nnz={nnz} cpu_seconds={best_cpu:.4f} seconds={best:.4f}")

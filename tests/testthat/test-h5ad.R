@@ -89,6 +89,36 @@ test_that("the dgCMatrix wraps the vectors Rust allocated (no copy after the rea
   expect_identical(rs_data_address(m@x), addr)
 })
 
+test_that("large matrices live outside R's heap: same values, no copy, released by the GC", {
+  f <- normalizePath(fx("seedlike.h5ad"))
+  plain <- read_h5ad(f, as = "list")$X
+  Sys.setenv(SCANNOT_H5AD_MAPPED_MIN_BYTES = "1")
+  on.exit(Sys.unsetenv("SCANNOT_H5AD_MAPPED_MIN_BYTES"), add = TRUE)
+  invisible(gc())
+  before <- rs_h5ad_mapped_bytes()
+  r <- rs_h5ad_read_matrix(f, "X")
+  expect_equal(rs_h5ad_mapped_bytes() - before, 12 * length(r$x))
+  addr <- rs_data_address(r$x)
+  m <- h5ad_build_matrix(r, rownames(plain), colnames(plain), transpose = TRUE)
+  expect_identical(rs_data_address(m@x), addr)  # the dgCMatrix wraps the mapped vector
+  expect_identical(m, plain)
+  expect_true(methods::validObject(m))
+  expect_equal(Matrix::colSums(m), Matrix::colSums(plain))
+  # R semantics: saveRDS / readRDS give an ordinary copy, modifying a copy leaves it alone
+  tf <- tempfile(fileext = ".rds")
+  saveRDS(m, tf)
+  expect_identical(readRDS(tf), plain)
+  m2 <- m
+  m2@x[1] <- -1
+  expect_identical(m@x[1], plain@x[1])
+  expect_identical(m2@x[-1], plain@x[-1])
+  a <- read_h5ad(f, as = "list")
+  expect_identical(a$X, plain)
+  rm(r, m, m2, a)
+  invisible(gc())
+  expect_equal(rs_h5ad_mapped_bytes(), before)
+})
+
 test_that("write_h5ad -> read_h5ad round-trips a SingleCellExperiment and a Seurat object", {
   sce <- read_h5ad(fx("seedlike.h5ad"))
   f <- tempfile(fileext = ".h5ad")

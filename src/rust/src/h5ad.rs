@@ -10,6 +10,169 @@ use scannot_core::{ScError, ScResult};
 use crate::convert::guard;
 use extendr_ffi::SEXPTYPE;
 
+/// Large matrix vectors outside R's vector heap.
+///
+/// R starts a garbage collection before every large allocation that does not fit its
+/// current vector heap, and a big allocation escalates it to a full collection (about
+/// 0.15 s with Matrix loaded); reading a 54 M-entry matrix allocated two such vectors,
+/// and those collections cost more than the whole read does in Python. So `x` and `i`
+/// of a large matrix live in memory mapped here (with transparent huge pages, filled
+/// once by the read) and reach R as ALTREP vectors whose data pointer is that memory:
+/// every R and C function sees an ordinary double / integer vector (`REAL()` /
+/// `INTEGER()` return the mapping; writes go to it; `saveRDS` / `duplicate` write or
+/// copy the values as a standard vector). The mapping is released by the finalizer of
+/// the vector's external pointer when R collects it.
+///
+/// R does not see this memory, so it cannot count it towards its collection triggers:
+/// while such vectors not yet collected take more than a quarter of the machine's
+/// memory, new matrices use R's own allocation again (with its collections).
+mod ext_vec {
+    use std::ffi::c_void;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    use extendr_api::prelude::*;
+    use extendr_ffi::SEXPTYPE;
+    use extendr_ffi::{
+        R_ClearExternalPtr, R_ExternalPtrAddr, R_MakeExternalPtr, R_NilValue,
+        R_RegisterCFinalizerEx, R_altrep_class_t, R_altrep_data1, R_make_altinteger_class,
+        R_make_altreal_class, R_new_altrep, R_set_altrep_Length_method,
+        R_set_altvec_Dataptr_method, R_set_altvec_Dataptr_or_null_method, R_xlen_t, Rboolean,
+        Rf_protect, Rf_unprotect, SEXP,
+    };
+    use scannot_core::h5ad::mem;
+
+    /// Vectors smaller than this use R's allocation (the environment variable
+    /// `SCANNOT_H5AD_MAPPED_MIN_BYTES` overrides it, for tests).
+    fn min_bytes() -> usize {
+        std::env::var("SCANNOT_H5AD_MAPPED_MIN_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32 << 20)
+    }
+
+    /// Bytes of mapped vectors not yet released.
+    pub(super) fn live_bytes() -> usize {
+        LIVE.load(Ordering::Relaxed)
+    }
+
+    /// Bytes mapped and not yet released by a finalizer.
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+    struct Buf {
+        ptr: *mut c_void,
+        bytes: usize,
+        len: usize,
+    }
+
+    /// # Safety
+    /// `x` is a vector of one of this module's classes (data1 = external pointer to a
+    /// live `Buf`, or cleared after finalization, which R never does while `x` lives).
+    unsafe fn buf<'a>(x: SEXP) -> Option<&'a Buf> {
+        (R_ExternalPtrAddr(R_altrep_data1(x)) as *const Buf).as_ref()
+    }
+
+    extern "C" fn length(x: SEXP) -> R_xlen_t {
+        // SAFETY: called by R for vectors of this class only.
+        unsafe { buf(x).map_or(0, |b| b.len as R_xlen_t) }
+    }
+
+    extern "C" fn dataptr(x: SEXP, _writeable: Rboolean) -> *mut c_void {
+        // SAFETY: as in `length`.
+        unsafe { buf(x).map_or(std::ptr::null_mut(), |b| b.ptr) }
+    }
+
+    extern "C" fn dataptr_or_null(x: SEXP) -> *const c_void {
+        dataptr(x, Rboolean::TRUE) as *const c_void
+    }
+
+    extern "C" fn finalize(e: SEXP) {
+        // SAFETY: `e` is the external pointer made in `alloc`; its address is a boxed Buf
+        // owned by it, released once (the pointer is cleared).
+        unsafe {
+            let p = R_ExternalPtrAddr(e) as *mut Buf;
+            if !p.is_null() {
+                let b = Box::from_raw(p);
+                mem::unmap(b.ptr, b.bytes);
+                LIVE.fetch_sub(b.bytes, Ordering::Relaxed);
+                R_ClearExternalPtr(e);
+            }
+        }
+    }
+
+    /// Class pointers (as addresses: SEXP is not Sync), made once on R's thread.
+    static CLASSES: OnceLock<(usize, usize)> = OnceLock::new();
+
+    fn classes() -> (SEXP, SEXP) {
+        let (r, i) = *CLASSES.get_or_init(|| {
+            // SAFETY: R API calls on R's main thread (extendr functions run there);
+            // the classes live in R's ALTREP registry for the whole session.
+            unsafe {
+                let mk = |c: R_altrep_class_t| {
+                    R_set_altrep_Length_method(c, Some(length));
+                    R_set_altvec_Dataptr_method(c, Some(dataptr));
+                    R_set_altvec_Dataptr_or_null_method(c, Some(dataptr_or_null));
+                    c.ptr as usize
+                };
+                let r = mk(R_make_altreal_class(
+                    c"scannot_h5ad_real".as_ptr(),
+                    c"scannot".as_ptr(),
+                    std::ptr::null_mut(),
+                ));
+                let i = mk(R_make_altinteger_class(
+                    c"scannot_h5ad_int".as_ptr(),
+                    c"scannot".as_ptr(),
+                    std::ptr::null_mut(),
+                ));
+                (r, i)
+            }
+        });
+        (r as SEXP, i as SEXP)
+    }
+
+    /// A double (`real = true`) or integer vector of length `len`, uninitialized (the
+    /// caller fills all of it): mapped memory for large ones, else R's allocation.
+    pub(super) fn alloc(real: bool, len: usize) -> Robj {
+        let esize = if real { 8 } else { 4 };
+        let bytes = len.saturating_mul(esize);
+        let plain = || {
+            Robj::alloc_vector(
+                if real {
+                    SEXPTYPE::REALSXP
+                } else {
+                    SEXPTYPE::INTSXP
+                },
+                len,
+            )
+        };
+        if bytes == 0
+            || bytes < min_bytes()
+            || LIVE.load(Ordering::Relaxed) + bytes > mem::mem_total() / 4
+        {
+            return plain();
+        }
+        let Some(ptr) = mem::map(bytes) else {
+            return plain();
+        };
+        LIVE.fetch_add(bytes, Ordering::Relaxed);
+        let (rc, ic) = classes();
+        let b = Box::into_raw(Box::new(Buf { ptr, bytes, len }));
+        // SAFETY: R API calls on R's thread; the external pointer owns the Buf (its
+        // finalizer unmaps it, also at exit); the ALTREP object keeps the pointer alive.
+        unsafe {
+            let e = Rf_protect(R_MakeExternalPtr(b.cast(), R_NilValue, R_NilValue));
+            R_RegisterCFinalizerEx(e, Some(finalize), Rboolean::TRUE);
+            let class = R_altrep_class_t {
+                ptr: if real { rc } else { ic },
+            };
+            let v = Rf_protect(R_new_altrep(class, e, R_NilValue));
+            let out = Robj::from_sexp(v);
+            Rf_unprotect(2);
+            out
+        }
+    }
+}
+
 fn r_values(v: &Values) -> Robj {
     match v {
         Values::F64(x) => Doubles::from_values(x.iter().copied()).into(),
@@ -236,7 +399,7 @@ fn rs_h5ad_read_matrix(path: &str, elem: &str) -> Result<List> {
             MatrixKind::Csc => "csc",
             MatrixKind::Dense => "dense",
         };
-        let mut x = Robj::alloc_vector(SEXPTYPE::REALSXP, m.nnz);
+        let mut x = ext_vec::alloc(true, m.nnz);
         if m.kind == MatrixKind::Dense {
             m.read_dense_into(x.as_real_slice_mut().unwrap_or(&mut []))?;
             return Ok(list!(
@@ -251,7 +414,7 @@ fn rs_h5ad_read_matrix(path: &str, elem: &str) -> Result<List> {
         } else {
             m.shape[1]
         };
-        let mut i = Robj::alloc_vector(SEXPTYPE::INTSXP, m.nnz);
+        let mut i = ext_vec::alloc(false, m.nnz);
         let mut p = Robj::alloc_vector(SEXPTYPE::INTSXP, major + 1);
         m.read_sparse_into(
             x.as_real_slice_mut().unwrap_or(&mut []),
@@ -490,8 +653,16 @@ fn rs_h5ad_write(path: &str, items: List) -> Result<()> {
     })
 }
 
+/// Bytes of large matrix vectors currently held outside R's heap (for tests).
+/// @noRd
+#[extendr]
+fn rs_h5ad_mapped_bytes() -> f64 {
+    ext_vec::live_bytes() as f64
+}
+
 extendr_module! {
     mod h5ad;
+    fn rs_h5ad_mapped_bytes;
     fn rs_h5ad_keys;
     fn rs_h5ad_exists;
     fn rs_h5ad_read_elem;

@@ -140,8 +140,9 @@ pub(crate) fn read<T: Raw>(
     let esize = if widen { 4 } else { std::mem::size_of::<T>() };
     let file_len = file.metadata().ok()?.len();
     let pieces = pieces(ds, out.len(), esize, file_len)?;
-    // cut the pieces into tasks of at most 1 M elements (4-8 MB reads)
-    const TASK: usize = 1 << 20;
+    // cut the pieces into tasks of at most 256 k elements (1-2 MB reads: the staging
+    // buffer of a widening read stays in cache)
+    const TASK: usize = 1 << 18;
     let mut tasks: Vec<(u64, &mut [T])> = Vec::new();
     let mut rest: &mut [T] = out;
     let mut done = 0usize;
@@ -186,6 +187,33 @@ pub(crate) fn read<T: Raw>(
                 Ok(())
             }),
     )
+}
+
+/// Ask the kernel for transparent huge pages (2 MiB) behind a large, not yet touched
+/// output buffer (as numpy does for its arrays): filling half a gigabyte of fresh memory
+/// then takes a few hundred page faults instead of a hundred thousand. Only a hint: the
+/// contents are unchanged, and errors (no THP support) are ignored.
+pub(crate) fn advise_huge<T>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        let len = std::mem::size_of_val(buf);
+        if len < 8 << 20 {
+            return;
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = if page > 0 { page as usize } else { 4096 };
+        let start = buf.as_mut_ptr() as usize;
+        let (a, e) = (
+            (start + page - 1) & !(page - 1),
+            (start + len) & !(page - 1),
+        );
+        if e > a {
+            // SAFETY: [a, e) lies inside `buf`, which this function borrows mutably;
+            // MADV_HUGEPAGE changes only the paging policy, never the contents.
+            unsafe { libc::madvise(a as *mut libc::c_void, e - a, libc::MADV_HUGEPAGE) };
+        }
+    }
 }
 
 /// Look up every chunk of a one-dimensional chunked dataset (for the metadata walk of

@@ -76,6 +76,7 @@ fn in_child(path: &str) -> Result<(), String> {
                 // SAFETY: restores the default action in this single-threaded child.
                 unsafe { libc::signal(sig, libc::SIG_DFL) };
             }
+            close_inherited(path);
             let _ = std::panic::catch_unwind(|| walk(path));
             // SAFETY: ends the child at once, without the parent's exit handlers.
             unsafe { libc::_exit(0) };
@@ -120,6 +121,43 @@ fn in_child(path: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Close the descriptors the child inherited (other threads' HDF5 files with their
+/// locks, sockets, pipes), so that a file another thread closes is really closed while
+/// the child walks. Kept: standard streams, and descriptors of the file being checked
+/// itself (HDF5 shares an open file: the child's open of `path` may reuse the parent's
+/// handle, whose descriptor must stay valid). The child touches no other inherited
+/// HDF5 file and leaves with `_exit`, so the stale handles are never used.
+fn close_inherited(path: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    // collect first: closing while listing would close the listing's own descriptor
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd <= 2 {
+            continue;
+        }
+        // SAFETY: fstat on a descriptor number fills a plain struct (EBADF for the
+        // listing's own, already closed descriptor).
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            continue;
+        }
+        if st.st_dev as u64 == dev && st.st_ino as u64 == ino {
+            continue;
+        }
+        // SAFETY: closes a descriptor of this single-threaded child only.
+        unsafe { libc::close(fd) };
+    }
 }
 
 /// Everything a read touches, except the values of the matrices.

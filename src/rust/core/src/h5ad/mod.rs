@@ -17,6 +17,7 @@
 pub(crate) mod direct;
 mod heapcheck;
 mod isolate;
+pub mod mem;
 mod read;
 mod write;
 

@@ -385,6 +385,8 @@ impl MatrixInfo {
             let what = what.to_string();
             move |e: hdf5::Error| ferr(&format!("cannot read '{name}/{what}'"), e)
         };
+        direct::advise_huge(x);
+        direct::advise_huge(i);
         // unfiltered little-endian arrays: parallel reads straight from the file
         if let Ok(file) = std::fs::File::open(&self.file_path) {
             let (ub, fp) = (self.userblock, &file);
@@ -430,6 +432,7 @@ impl MatrixInfo {
         if self.nnz == 0 {
             return Ok(());
         }
+        direct::advise_huge(x);
         if let Ok(file) = std::fs::File::open(&self.file_path) {
             if let Some(r) = direct::read(&self.data, &file, self.userblock, x) {
                 return r;
@@ -487,6 +490,9 @@ fn read_f32_widen(ds: &Dataset, x: &mut [f64]) -> hdf5::Result<()> {
 }
 
 /// Validate compressed-sparse structure; sort indices inside slices where needed.
+/// The pointers are checked first; the slices are then checked in parallel blocks (the
+/// first failing block in order gives the error, so the message does not depend on
+/// timing).
 pub(crate) fn check_compressed(
     name: &str,
     major: usize,
@@ -496,47 +502,79 @@ pub(crate) fn check_compressed(
     i: &mut [i32],
     x: &mut [f64],
 ) -> ScResult<()> {
-    let bad = |what: String| {
-        Err(ScError::Format(format!(
-            "sparse matrix '{name}' is corrupt: {what}"
-        )))
-    };
+    use rayon::prelude::*;
+    let bad = |what: String| ScError::Format(format!("sparse matrix '{name}' is corrupt: {what}"));
     if p.len() != major + 1 || p[0] != 0 || p[major] as i64 != nnz as i64 {
-        return bad(format!(
+        return Err(bad(format!(
             "indptr must run from 0 to {nnz}, got {} to {}",
             p.first().copied().unwrap_or(-1),
             p.last().copied().unwrap_or(-1)
-        ));
+        )));
+    }
+    if i.len() != nnz || x.len() != nnz {
+        return Err(bad("indices or values do not match indptr".into()));
     }
     for k in 0..major {
         let (a, b) = (p[k], p[k + 1]);
         if b < a || b as usize > nnz {
-            return bad(format!("indptr decreases or exceeds {nnz} at {k}"));
-        }
-        let (a, b) = (a as usize, b as usize);
-        let mut sorted = true;
-        for t in a..b {
-            let v = i[t];
-            if v < 0 || v as usize >= minor {
-                return bad(format!("index {v} out of range 0..{minor}"));
-            }
-            if t > a && i[t - 1] >= v {
-                sorted = false;
-            }
-        }
-        if !sorted {
-            let mut pairs: Vec<(i32, f64)> = (a..b).map(|t| (i[t], x[t])).collect();
-            pairs.sort_by_key(|q| q.0);
-            if pairs.windows(2).any(|w| w[0].0 == w[1].0) {
-                return bad(format!("duplicate index in slice {k}"));
-            }
-            for (t, (ii, xx)) in (a..b).zip(pairs) {
-                i[t] = ii;
-                x[t] = xx;
-            }
+            return Err(bad(format!("indptr decreases or exceeds {nnz} at {k}")));
         }
     }
-    Ok(())
+    // blocks of whole slices, about nnz / 64 entries each
+    let target = (nnz / 64).max(1 << 16);
+    let mut blocks: Vec<(usize, usize)> = Vec::new(); // slice ranges [k0, k1)
+    let mut k0 = 0usize;
+    for k in 0..major {
+        if (p[k + 1] - p[k0]) as usize >= target {
+            blocks.push((k0, k + 1));
+            k0 = k + 1;
+        }
+    }
+    if k0 < major || blocks.is_empty() {
+        blocks.push((k0, major));
+    }
+    let mut parts: Vec<(usize, usize, &mut [i32], &mut [f64])> = Vec::with_capacity(blocks.len());
+    let (mut ri, mut rx) = (i, x);
+    for &(a, b) in &blocks {
+        let len = (p[b] - p[a]) as usize;
+        let (ci, ti) = std::mem::take(&mut ri).split_at_mut(len);
+        let (cx, tx) = std::mem::take(&mut rx).split_at_mut(len);
+        parts.push((a, b, ci, cx));
+        ri = ti;
+        rx = tx;
+    }
+    let results: Vec<ScResult<()>> = parts
+        .into_par_iter()
+        .map(|(k0, k1, i, x)| {
+            let off = p[k0] as usize;
+            for k in k0..k1 {
+                let (a, b) = (p[k] as usize - off, p[k + 1] as usize - off);
+                let mut sorted = true;
+                for t in a..b {
+                    let v = i[t];
+                    if v < 0 || v as usize >= minor {
+                        return Err(bad(format!("index {v} out of range 0..{minor}")));
+                    }
+                    if t > a && i[t - 1] >= v {
+                        sorted = false;
+                    }
+                }
+                if !sorted {
+                    let mut pairs: Vec<(i32, f64)> = (a..b).map(|t| (i[t], x[t])).collect();
+                    pairs.sort_by_key(|q| q.0);
+                    if pairs.windows(2).any(|w| w[0].0 == w[1].0) {
+                        return Err(bad(format!("duplicate index in slice {k}")));
+                    }
+                    for (t, (ii, xx)) in (a..b).zip(pairs) {
+                        i[t] = ii;
+                        x[t] = xx;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .collect();
+    results.into_iter().collect()
 }
 
 /// A string attribute (scalar or first element of an array), if present and readable.

@@ -12,7 +12,8 @@ fn fixture(name: &str) -> String {
 /// Tests run on parallel threads and every h5ad read forks a metadata-checking child
 /// (isolate.rs) that inherits the open file descriptors of the moment, HDF5's file locks
 /// included: a test that reopens a file it has just written could find it still locked by
-/// another test's short-lived child. Test files therefore go without HDF5 file locking.
+/// another test's short-lived child (the child closes inherited descriptors at once, but
+/// between the fork and that close the lock lives on: 2 of 20 runs failed without this). Test files therefore go without HDF5 file locking.
 fn no_file_locking() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     // SAFETY (edition 2021: safe fn): set once, before this test's first HDF5 call.
@@ -749,4 +750,70 @@ fn corrupt_global_heap_is_a_format_error_not_a_hang() {
         Ok(Err(ScError::Format(m))) => assert!(m.contains("global heap"), "{m}"),
         other => panic!("expected a format error, got {other:?}"),
     }
+}
+
+/// A matrix larger than one parallel read task (1 << 18 entries) read by the direct
+/// path: unsorted slices, also one whose only unsorted pair straddles a task border, come
+/// back sorted with their values; an index out of range or a duplicate is a format error.
+#[test]
+fn direct_sparse_read_checks_indices_across_ranges() {
+    let (major, per, minor) = (3000usize, 200usize, 1000i32);
+    let nnz = major * per;
+    let p: Vec<i32> = (0..=major).map(|k| (k * per) as i32).collect();
+    let sorted: Vec<i32> = (0..nnz).map(|t| (t % per) as i32 * 5).collect();
+    let xs: Vec<f64> = (0..nnz).map(|t| t as f64).collect();
+    // reverse two slices (one inside a range, the last one); rotate slice 1310, which
+    // spans the range border at 1 << 18 (262000..262200), so that both of its parts are
+    // sorted and only the pair across the border is out of order
+    let mut i = sorted.clone();
+    let mut x = xs.clone();
+    for k in [7usize, major - 1] {
+        i[k * per..(k + 1) * per].reverse();
+        x[k * per..(k + 1) * per].reverse();
+    }
+    let b = 1usize << 18;
+    let k = 1310;
+    assert!(b > k * per && b < (k + 1) * per);
+    let r = (k + 1) * per - b;
+    i[k * per..(k + 1) * per].rotate_left(r);
+    x[k * per..(k + 1) * per].rotate_left(r);
+    assert!(i[b - 1] > i[b] && i[k * per..b].windows(2).all(|w| w[0] < w[1]));
+    let write = |name: &str, i: &[i32]| {
+        let path = tmp(name);
+        let w = H5adWriter::create(&path).unwrap();
+        w.write_sparse("X", true, [major, minor as usize], &x, i, &p, false)
+            .unwrap();
+        w.finish().unwrap();
+        path
+    };
+    let path = write("ranges.h5ad", &i);
+    let s = H5ad::open(&path)
+        .unwrap()
+        .matrix("X")
+        .unwrap()
+        .read_sparse()
+        .unwrap();
+    assert_eq!(s.indices, sorted);
+    assert_eq!(s.indptr, p);
+    assert_eq!(s.data, Values::F64(xs));
+
+    let mut out_of_range = i.clone();
+    out_of_range[b + 5] = minor;
+    let path = write("ranges_bad.h5ad", &out_of_range);
+    let e = H5ad::open(&path)
+        .unwrap()
+        .matrix("X")
+        .unwrap()
+        .read_sparse();
+    assert!(matches!(e, Err(ScError::Format(m)) if m.contains("out of range")));
+
+    let mut dup = i.clone();
+    dup[b + 7] = dup[b + 6]; // inside a slice spanning no border: unsorted with a duplicate
+    let path = write("ranges_dup.h5ad", &dup);
+    let e = H5ad::open(&path)
+        .unwrap()
+        .matrix("X")
+        .unwrap()
+        .read_sparse();
+    assert!(matches!(e, Err(ScError::Format(m)) if m.contains("duplicate")));
 }
