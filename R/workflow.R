@@ -106,11 +106,10 @@ default_markers <- function() {
 #' It writes into `out_dir`: `annotated.rds` (the object with all new metadata columns
 #' and the `PCA`/`UMAP` (and `scVI`) reductions), `labels.csv` (one row per cell),
 #' `top_markers.csv`, `dotplot.csv`, `plots/*.png`, `steps.csv` (timings) and, with
-#' `report = TRUE`, `report.html` ([annotation_report()]). `annotated.rds` and the
-#' checkpoints are written uncompressed (native binary serialisation, read by
-#' [readRDS()]; about 1.3 GB for the 28,911 default cells with their counts and
-#' logcounts), `annotated.rds` by a forked process while the plots and the report are
-#' made.
+#' `report = TRUE`, `report.html` ([annotation_report()]). `annotated.rds` is written
+#' with gzip level 1 by a forked process while the plots and the report are made (about
+#' 270 MB for the 28,911 default cells with their counts and logcounts); the checkpoints
+#' are written uncompressed (native binary serialisation, read by [readRDS()]).
 #'
 #' **Checkpoints.** Each step's result is saved to `out_dir/checkpoints/<step>.rds`
 #' (written to a temporary file and renamed, so a killed run never leaves a partial
@@ -337,18 +336,18 @@ save_rds_atomic <- function(x, path, compress = TRUE) {
   invisible(path)
 }
 
-# Write `x` to `path` (uncompressed: serialising a 30k-cell object takes seconds, gzip
-# took most of a minute) in a forked child where the platform forks, else at once.
+# Write `x` to `path` (gzip level 1: a fifth of the uncompressed size for ~10 CPU-s, hidden
+# behind the plots) in a forked child where the platform forks, else at once.
 # Returns a function that waits for the write (a no-op after the first call) and turns
 # its failure into an error.
 write_rds_async <- function(x, path) {
   job <- NULL
   if (.Platform$OS.type == "unix" && !isTRUE(getOption("scannot.workflow_sync_write"))) {
-    job <- tryCatch(parallel::mcparallel(save_rds_atomic(x, path, compress = FALSE),
+    job <- tryCatch(parallel::mcparallel(save_rds_atomic(x, path, compress = 1L),
                                          silent = TRUE),
                     error = function(e) NULL)
   }
-  if (is.null(job)) save_rds_atomic(x, path, compress = FALSE)
+  if (is.null(job)) save_rds_atomic(x, path, compress = 1L)
   done <- is.null(job)
   function() {
     if (done) return(invisible())

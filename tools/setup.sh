@@ -29,5 +29,7 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/scannot-target}"
 LIB="${SCANNOT_LIB:-$(Rscript -e 'cat(.libPaths()[1])')}"
 echo "== setup: building and installing scannot into $LIB"
-R CMD INSTALL --no-multiarch -l "$LIB" . >/tmp/scannot-install.log 2>&1 || { tail -50 /tmp/scannot-install.log; exit 1; }
+log=$(mktemp -t scannot-install.XXXXXX.log)
+R CMD INSTALL --no-multiarch -l "$LIB" . >"$log" 2>&1 || { tail -50 "$log"; exit 1; }
+rm -f "$log"
 echo "== setup: done ($(Rscript -e 'cat(as.character(packageVersion("scannot")))'))"
