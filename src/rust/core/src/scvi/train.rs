@@ -41,6 +41,8 @@ const VAR_EPS: f32 = 1e-4;
 /// at least this many rows of a minibatch per parallel task in the decoder heads (the
 /// head GEMM loses efficiency below it)
 const HEAD_ROWS: usize = 16;
+/// genes per chunk of the sparse first encoder layer (a panel's chunk: 256 x 32 f32 = 32 KB)
+const GENE_CHUNK: usize = 256;
 
 thread_local! {
     /// per-thread head logits (rows x width) and loss scratch, reused across minibatches
@@ -739,6 +741,20 @@ impl SurgeryModel {
                             }
                         }
                     }
+                    let c0 = ends.last().copied().unwrap_or(0);
+                    if !genes[c0..].windows(2).all(|w| w[0] < w[1]) {
+                        // unsorted row indices: order this cell's entries by gene
+                        let mut idx: Vec<usize> = (c0..genes.len()).collect();
+                        idx.sort_by_key(|&e| genes[e]);
+                        let gs: Vec<u32> = idx.iter().map(|&e| genes[e]).collect();
+                        let xs: Vec<f32> = idx.iter().map(|&e| x[e]).collect();
+                        let xi: Vec<(u32, f32)> = idx.iter().map(|&e| xin[e]).collect();
+                        let lg: Vec<f64> = idx.iter().map(|&e| lgc[e]).collect();
+                        genes[c0..].copy_from_slice(&gs);
+                        x[c0..].copy_from_slice(&xs);
+                        xin[c0..].copy_from_slice(&xi);
+                        lgc[c0..].copy_from_slice(&lg);
+                    }
                     if lib <= 0.0 {
                         return Err(ScError::Value(format!(
                             "cell {} has no counts; scVI needs a positive library size \
@@ -808,9 +824,28 @@ impl SurgeryModel {
                                 sparse_rows(o, &l.wt, nz(j));
                             }
                         } else {
-                            for (pi, panel) in l.panels.chunks_exact(l.n_in * PANEL).enumerate() {
-                                for (o, &j) in oc.chunks_mut(n).zip(cc) {
-                                    sparse_rows(&mut o[pi * PANEL..(pi + 1) * PANEL], panel, nz(j));
+                            // genes in chunks whose panel slice fits the L1 cache; each cell's
+                            // non-zeros are sorted by gene (see `prepare`)
+                            let mut cur: Vec<usize> = cc.iter().map(|&j| data.start[j]).collect();
+                            let mut ranges = vec![(0usize, 0usize); cc.len()];
+                            for g0 in (0..l.n_in).step_by(GENE_CHUNK) {
+                                let g1 = (g0 + GENE_CHUNK).min(l.n_in) as u32;
+                                for ((r, c), &j) in ranges.iter_mut().zip(cur.iter_mut()).zip(cc) {
+                                    let a = *c;
+                                    let len = data.xin[a..data.start[j + 1]]
+                                        .partition_point(|e| e.0 < g1);
+                                    *c = a + len;
+                                    *r = (a, a + len);
+                                }
+                                for (pi, panel) in l.panels.chunks_exact(l.n_in * PANEL).enumerate()
+                                {
+                                    for (o, &(a, b)) in oc.chunks_mut(n).zip(&ranges) {
+                                        sparse_rows(
+                                            &mut o[pi * PANEL..(pi + 1) * PANEL],
+                                            panel,
+                                            &data.xin[a..b],
+                                        );
+                                    }
                                 }
                             }
                         }
