@@ -153,6 +153,30 @@ impl LossScratch {
     }
 }
 
+/// Sizes the six gather buffers to the cell's non-zeros and fills the first three with
+/// `mu = library * s`, theta and log theta at the non-zero genes; returns their number.
+pub(crate) fn gather_nonzeros(
+    cell: &CellCounts,
+    s: &[f32],
+    theta: &[f32],
+    lth: &[f32],
+    nz: &mut [Vec<f32>; 6],
+) -> usize {
+    let k = cell.genes.len();
+    for v in nz.iter_mut() {
+        v.clear();
+        v.resize(k, 0.0);
+    }
+    let [n_mu, n_th, n_lth, ..] = nz;
+    for (i, &g) in cell.genes.iter().enumerate() {
+        let g = g as usize;
+        n_mu[i] = cell.library * s[g];
+        n_th[i] = theta[g];
+        n_lth[i] = lth[g];
+    }
+    k
+}
+
 /// Sum of `v` with 16 f32 lanes per 256-value block, blocks added in f64.
 #[inline(always)]
 fn lane_sum(v: &[f32]) -> f64 {
@@ -243,19 +267,8 @@ pub(crate) fn cell_loss_grad_body(
     for sv in s.iter_mut() {
         *sv *= inv;
     }
-    // the non-zero genes, gathered: mu, theta, log theta, pi (ZINB), x
-    let k = cell.genes.len();
-    for v in nz.iter_mut() {
-        v.clear();
-        v.resize(k, 0.0);
-    }
+    let k = gather_nonzeros(cell, s, theta, lth, nz);
     let [n_mu, n_th, n_lth, n_pi, n_q, n_l] = nz;
-    for (i, &g) in cell.genes.iter().enumerate() {
-        let g = g as usize;
-        n_mu[i] = lib * s[g];
-        n_th[i] = theta[g];
-        n_lth[i] = lth[g];
-    }
     let ll = match pi {
         Some(pi) => {
             for (i, &g) in cell.genes.iter().enumerate() {

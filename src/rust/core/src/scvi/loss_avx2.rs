@@ -106,6 +106,44 @@ fn hsum(v: __m256) -> f64 {
     a.iter().map(|&x| x as f64).sum()
 }
 
+/// A sum of 8-lane vectors kept in f32 lanes for 32 additions at a time (256 values), then
+/// added into an f64 total.
+struct Acc {
+    v: __m256,
+    n: usize,
+    total: f64,
+}
+
+impl Acc {
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn new() -> Self {
+        Acc {
+            v: splat(0.0),
+            n: 0,
+            total: 0.0,
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn add(&mut self, x: __m256) {
+        self.v = _mm256_add_ps(self.v, x);
+        self.n += 1;
+        if self.n == 32 {
+            self.total += hsum(self.v);
+            self.v = splat(0.0);
+            self.n = 0;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn sum(&self) -> f64 {
+        self.total + hsum(self.v)
+    }
+}
+
 /// Loads 8 lanes at `i` (`i + 8 <= v.len()`).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -198,23 +236,16 @@ pub(crate) fn cell_loss_grad_avx2(
     let mut sum = 0.0f64;
     {
         let vm = splat(m);
-        let mut acc = splat(0.0);
-        let mut cnt = 0;
+        let mut acc = Acc::new();
         let full = g_n / 8 * 8;
         let mut i = 0;
         while i < full {
             let e = exp8(_mm256_sub_ps(ld(a, i), vm));
             st(s, i, e);
-            acc = _mm256_add_ps(acc, e);
-            cnt += 1;
-            if cnt == 32 {
-                sum += hsum(acc);
-                acc = splat(0.0);
-                cnt = 0;
-            }
+            acc.add(e);
             i += 8;
         }
-        sum += hsum(acc);
+        sum += acc.sum();
         for g in full..g_n {
             let e = super::loss::fast_exp(a[g] - m);
             s[g] = e;
@@ -226,32 +257,13 @@ pub(crate) fn cell_loss_grad_avx2(
         v[0] = _mm256_mul_ps(v[0], inv)
     });
 
-    // the non-zero genes, gathered: mu, theta, log theta, pi (ZINB), x; outputs in q, l
-    let k = cell.genes.len();
-    for v in nz.iter_mut() {
-        v.clear();
-        v.resize(k, 0.0);
-    }
+    // the non-zero genes, gathered: mu, theta, log theta, pi (ZINB), x
+    super::loss::gather_nonzeros(cell, s, theta, lth, nz);
     let [n_mu, n_th, n_lth, n_pi, _, n_x] = nz;
-    for (i, &g) in cell.genes.iter().enumerate() {
-        let g = g as usize;
-        n_mu[i] = lib * s[g];
-        n_th[i] = theta[g];
-        n_lth[i] = lth[g];
-    }
     n_x.copy_from_slice(cell.x);
     let (vlib, veps, vgs) = (splat(lib), splat(EPS), splat(grad_scale));
     let mut ll = 0.0f64;
-    let mut lacc = splat(0.0);
-    let mut cnt = 0;
-    let flush = |acc: &mut __m256, cnt: &mut usize, ll: &mut f64| {
-        *cnt += 1;
-        if *cnt == 32 {
-            *ll += hsum(*acc);
-            *acc = splat(0.0);
-            *cnt = 0;
-        }
-    };
+    let mut lacc = Acc::new();
     match pi {
         Some(pi) => {
             for (i, &g) in cell.genes.iter().enumerate() {
@@ -259,9 +271,7 @@ pub(crate) fn cell_loss_grad_avx2(
             }
             // per non-zero: (l1 - l0), d/d log mu, d/dpi (padding lanes: finite, masked out of
             // the sum, never scattered)
-            let mut nl = 0.0f64;
-            let mut nacc = splat(0.0);
-            let mut ncnt = 0;
+            let mut nacc = Acc::new();
             blocks(
                 &mut [
                     &mut n_mu[..],
@@ -283,13 +293,7 @@ pub(crate) fn cell_loss_grad_avx2(
                     let d = _mm256_fmadd_ps(x, _mm256_sub_ps(ln8(mue), lt), _mm256_sub_ps(w, sp_w));
                     // padding lanes have x = 0 but l1 - l0 != 0: zero them via the mask x > 0
                     let real = _mm256_cmp_ps::<_CMP_GT_OQ>(x, splat(0.0));
-                    nacc = _mm256_add_ps(nacc, _mm256_and_ps(real, d));
-                    ncnt += 1;
-                    if ncnt == 32 {
-                        nl += hsum(nacc);
-                        nacc = splat(0.0);
-                        ncnt = 0;
-                    }
+                    nacc.add(_mm256_and_ps(real, d));
                     // (th / tm - x / (mu + eps) + x / tm) mu
                     let q = _mm256_mul_ps(
                         _mm256_add_ps(
@@ -303,8 +307,7 @@ pub(crate) fn cell_loss_grad_avx2(
                     v[3] = _mm256_mul_ps(sig_p, vgs);
                 },
             );
-            nl += hsum(nacc);
-            ll += nl;
+            ll += nacc.sum();
             // the x = 0 formula for every gene
             let mut ai = a.chunks_exact_mut(8);
             let mut pii = pi.chunks_exact_mut(8);
@@ -342,8 +345,7 @@ pub(crate) fn cell_loss_grad_avx2(
                     inv_p,
                     _mm256_cmp_ps::<_CMP_LE_OQ>(p, zero),
                 );
-                lacc = _mm256_add_ps(lacc, l0);
-                flush(&mut lacc, &mut cnt, &mut ll);
+                lacc.add(l0);
                 let q = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(sig_w, th), recip8(tm)), mu);
                 st(ac, 0, q);
                 st(pc, 0, _mm256_mul_ps(_mm256_sub_ps(sig_w, sig_np), vgs));
@@ -372,9 +374,7 @@ pub(crate) fn cell_loss_grad_avx2(
             }
         }
         None => {
-            let mut nl = 0.0f64;
-            let mut nacc = splat(0.0);
-            let mut ncnt = 0;
+            let mut nacc = Acc::new();
             blocks(
                 &mut [&mut n_mu[..], &mut n_th[..], &mut n_x[..]],
                 [1.0, 1.0, 0.0],
@@ -383,13 +383,7 @@ pub(crate) fn cell_loss_grad_avx2(
                     let tm = _mm256_add_ps(_mm256_add_ps(th, mu), veps);
                     let mue = _mm256_add_ps(mu, veps);
                     let d = _mm256_mul_ps(x, _mm256_sub_ps(ln8(mue), ln8(tm)));
-                    nacc = _mm256_add_ps(nacc, d);
-                    ncnt += 1;
-                    if ncnt == 32 {
-                        nl += hsum(nacc);
-                        nacc = splat(0.0);
-                        ncnt = 0;
-                    }
+                    nacc.add(d);
                     let q = _mm256_mul_ps(
                         _mm256_sub_ps(
                             _mm256_div_ps(_mm256_add_ps(th, x), tm),
@@ -400,8 +394,7 @@ pub(crate) fn cell_loss_grad_avx2(
                     v[0] = q;
                 },
             );
-            nl += hsum(nacc);
-            ll += nl;
+            ll += nacc.sum();
             let mut ai = a.chunks_exact_mut(8);
             let mut i = 0;
             for ac in &mut ai {
@@ -410,8 +403,7 @@ pub(crate) fn cell_loss_grad_avx2(
                 let lt_ = ld(lth, i);
                 let mu = _mm256_mul_ps(vlib, sv);
                 let tm = _mm256_add_ps(_mm256_add_ps(th, mu), veps);
-                lacc = _mm256_fmadd_ps(th, _mm256_sub_ps(lt_, ln8(tm)), lacc);
-                flush(&mut lacc, &mut cnt, &mut ll);
+                lacc.add(_mm256_mul_ps(th, _mm256_sub_ps(lt_, ln8(tm))));
                 st(ac, 0, _mm256_div_ps(_mm256_mul_ps(th, mu), tm));
                 i += 8;
             }
@@ -427,23 +419,15 @@ pub(crate) fn cell_loss_grad_avx2(
             }
         }
     }
-    ll += hsum(lacc);
+    ll += lacc.sum();
     let lgc: f64 = cell.lgc.iter().sum();
     // a = (q - s sum(q)) * grad_scale
-    let mut qacc = splat(0.0);
-    let mut q_sum = 0.0f64;
-    let mut qc = 0;
+    let mut qacc = Acc::new();
     let mut ai = a.chunks_exact(8);
     for c in &mut ai {
-        qacc = _mm256_add_ps(qacc, ld(c, 0));
-        qc += 1;
-        if qc == 32 {
-            q_sum += hsum(qacc);
-            qacc = splat(0.0);
-            qc = 0;
-        }
+        qacc.add(ld(c, 0));
     }
-    q_sum += hsum(qacc) + ai.remainder().iter().map(|&v| v as f64).sum::<f64>();
+    let q_sum = qacc.sum() + ai.remainder().iter().map(|&v| v as f64).sum::<f64>();
     let vq = splat(q_sum as f32);
     let mut ai = a.chunks_exact_mut(8);
     let mut i = 0;
