@@ -659,8 +659,10 @@ workflow_scvi <- function(obj, ctx) {
     ctx$batch_key else NULL
   r <- tryCatch(
     if (cap == "scvi_map_query") {
+      # the per-epoch bar only in interactive sessions (a log gets the step line)
       scvi_map_query(obj, model, batch_key = bk, max_epochs = ctx$scvi_epochs,
-                     seed = ctx$seed, n_threads = ctx$n_threads, progress = !ctx$quiet)
+                     seed = ctx$seed, n_threads = ctx$n_threads,
+                     progress = !ctx$quiet && interactive())
     } else {
       scvi_latent(obj, model, batch_key = bk, n_threads = ctx$n_threads)
     },
