@@ -123,11 +123,12 @@ impl Dispersion {
     }
 }
 
-/// One cell's counts: the non-zero genes, their counts and their lgamma constants.
+/// One cell's counts: the non-zero genes, their counts and the sum of their lgamma constants.
 pub struct CellCounts<'a> {
     pub genes: &'a [u32],
     pub x: &'a [f32],
-    pub lgc: &'a [f64],
+    /// the sum over the non-zeros of `lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`
+    pub lgc: f64,
     /// observed library size (sum of counts)
     pub library: f32,
 }
@@ -149,6 +150,13 @@ impl LossScratch {
             s: vec![0.0; n_genes],
             l: vec![0.0; n_genes],
             nz: Default::default(),
+        }
+    }
+
+    /// Sizes the per-gene buffers for `n_genes` (a no-op when they already fit).
+    pub(crate) fn fit(&mut self, n_genes: usize) {
+        if self.s.len() != n_genes {
+            *self = LossScratch::new(n_genes);
         }
     }
 }
@@ -254,9 +262,7 @@ pub(crate) fn cell_loss_grad_body(
     let lib = cell.library;
     let theta = &disp.theta[..g_n];
     let lth = &disp.log_theta[..g_n];
-    if scratch.s.len() != g_n {
-        *scratch = LossScratch::new(g_n);
-    }
+    scratch.fit(g_n);
     let LossScratch { s, l, nz } = scratch;
     // softmax
     let m = lane_max(a);
@@ -338,7 +344,7 @@ pub(crate) fn cell_loss_grad_body(
             lane_sum(l) + lane_sum(n_l)
         }
     };
-    let lgc: f64 = cell.lgc.iter().sum();
+    let lgc = cell.lgc;
     // sum of q over genes: the dense values with the non-zero genes' swapped in
     let q_sum = lane_sum(a) as f32;
     for (av, &sv) in a.iter_mut().zip(s.iter()) {
@@ -445,7 +451,7 @@ mod tests {
         let cell = CellCounts {
             genes: &genes,
             x: &xs,
-            lgc: &lgc,
+            lgc: lgc.iter().sum(),
             library: x.iter().sum::<f64>() as f32,
         };
         let mut af: Vec<f32> = a.iter().map(|&v| v as f32).collect();
@@ -519,7 +525,7 @@ mod tests {
                     let cell = CellCounts {
                         genes: &genes,
                         x: &xs,
-                        lgc: &lgc,
+                        lgc: lgc.iter().sum(),
                         library: xs.iter().sum::<f32>().max(1.0),
                     };
                     let run = |simd: bool| {

@@ -215,9 +215,7 @@ pub(crate) fn cell_loss_grad_avx2(
     let lib = cell.library;
     let theta = &disp.theta[..g_n];
     let lth = &disp.log_theta[..g_n];
-    if scratch.s.len() != g_n {
-        *scratch = LossScratch::new(g_n);
-    }
+    scratch.fit(g_n);
     let LossScratch { s, l: _, nz } = scratch;
     // softmax: max, exp, sum, scale
     let mut mx = splat(f32::NEG_INFINITY);
@@ -420,7 +418,7 @@ pub(crate) fn cell_loss_grad_avx2(
         }
     }
     ll += lacc.sum();
-    let lgc: f64 = cell.lgc.iter().sum();
+    let lgc = cell.lgc;
     // a = (q - s sum(q)) * grad_scale
     let mut qacc = Acc::new();
     let mut ai = a.chunks_exact(8);

@@ -297,6 +297,8 @@ pub struct QueryData {
     x: Vec<f32>,
     /// `(gene, log1p(x))` (or x without log_variational): the encoder input
     xin: Vec<(u32, f32)>,
+    /// per cell: the sum of `lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)` over its
+    /// non-zeros (constant under the frozen dispersion)
     lgc: Vec<f64>,
     library: Vec<f32>,
     batch: Vec<u32>,
@@ -312,7 +314,7 @@ impl QueryData {
         CellCounts {
             genes: &self.genes[r.clone()],
             x: &self.x[r.clone()],
-            lgc: &self.lgc[r],
+            lgc: self.lgc[j],
             library: self.library[j],
         }
     }
@@ -693,7 +695,7 @@ impl SurgeryModel {
             };
             super::loss::ln_gamma(v + self.disp.theta[g] as f64) - lg_theta[g] - lf
         };
-        // per block of cells in parallel: (genes, x, xin, lgc, library, cell starts)
+        // per block of cells in parallel: (genes, x, xin, per-cell lgc, library, cell ends)
         type Block = (
             Vec<u32>,
             Vec<f32>,
@@ -710,7 +712,7 @@ impl SurgeryModel {
                     (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 let (mut library, mut ends) = (Vec::new(), Vec::new());
                 for &j in cells {
-                    let mut lib = 0.0f64;
+                    let (mut lib, mut lg_sum) = (0.0f64, 0.0f64);
                     let mut push = |g: usize, v: f64| -> ScResult<()> {
                         if !v.is_finite() || v < 0.0 {
                             return Err(ScError::Value(format!(
@@ -723,7 +725,7 @@ impl SurgeryModel {
                             x.push(v as f32);
                             let xe = if self.log_variational { v.ln_1p() } else { v };
                             xin.push((g as u32, xe as f32));
-                            lgc.push(lgamma_c(v, g));
+                            lg_sum += lgamma_c(v, g);
                             lib += v;
                         }
                         Ok(())
@@ -749,11 +751,9 @@ impl SurgeryModel {
                         let gs: Vec<u32> = idx.iter().map(|&e| genes[e]).collect();
                         let xs: Vec<f32> = idx.iter().map(|&e| x[e]).collect();
                         let xi: Vec<(u32, f32)> = idx.iter().map(|&e| xin[e]).collect();
-                        let lg: Vec<f64> = idx.iter().map(|&e| lgc[e]).collect();
                         genes[c0..].copy_from_slice(&gs);
                         x[c0..].copy_from_slice(&xs);
                         xin[c0..].copy_from_slice(&xi);
-                        lgc[c0..].copy_from_slice(&lg);
                     }
                     if lib <= 0.0 {
                         return Err(ScError::Value(format!(
@@ -763,6 +763,7 @@ impl SurgeryModel {
                         )));
                     }
                     library.push(lib as f32);
+                    lgc.push(lg_sum);
                     ends.push(genes.len());
                 }
                 Ok((genes, x, xin, lgc, library, ends))
