@@ -17,6 +17,20 @@ fn read_bin<T: Copy>(path: &std::path::Path) -> Vec<T> {
     v
 }
 
+/// CPU time of this process (user + system, all threads) in seconds, from /proc/self/stat
+/// (0 where unavailable): robust to the load of other processes, unlike wall time.
+fn cpu_seconds() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // the fields after the command name (which is in parentheses)
+    let rest = s.rsplit_once(')').map_or("", |r| r.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the name
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let d = std::path::PathBuf::from(&a[1]);
@@ -51,19 +65,23 @@ fn main() {
         ..Default::default()
     };
     let mut t0 = Instant::now();
+    let mut c0 = cpu_seconds();
     let res = s
         .train(
             &data,
             &opts,
             &mut |e| {
+                let c1 = cpu_seconds();
                 println!(
-                    "epoch {} {:.3} s elbo_train {:.3} elbo_validation {:.3}",
+                    "epoch {} {:.3} s (cpu {:.2} s) elbo_train {:.3} elbo_validation {:.3}",
                     e.epoch,
                     t0.elapsed().as_secs_f64(),
+                    c1 - c0,
                     e.elbo_train,
                     e.elbo_validation
                 );
                 t0 = Instant::now();
+                c0 = c1;
             },
             &|| false,
         )

@@ -107,19 +107,56 @@ pub(crate) fn softplus_sigmoid(x: f32) -> (f32, f32) {
     (sp, sig)
 }
 
-/// Per-gene constants of the (frozen) dispersion.
+/// Per-gene constants of the frozen decoder output: the dispersion and (optionally) the
+/// biases of the `px_scale` / `px_dropout` heads, which the loss adds to the logits it is
+/// given (so that the head GEMM can overwrite its output instead of accumulating onto a
+/// bias copy).
 #[derive(Debug, Clone)]
 pub struct Dispersion {
     pub theta: Vec<f32>,
     /// `log(theta + eps)`
     pub log_theta: Vec<f32>,
+    /// bias of the `px_scale` logits (empty: none)
+    pub bias_scale: Vec<f32>,
+    /// bias of the `px_dropout` logits (empty: none)
+    pub bias_pi: Vec<f32>,
 }
 
 impl Dispersion {
     pub fn new(px_r: &[f32]) -> Self {
         let theta: Vec<f32> = px_r.iter().map(|r| r.exp()).collect();
         let log_theta = theta.iter().map(|t| (t + EPS).ln()).collect();
-        Dispersion { theta, log_theta }
+        Dispersion {
+            theta,
+            log_theta,
+            bias_scale: Vec::new(),
+            bias_pi: Vec::new(),
+        }
+    }
+
+    /// With the heads' biases (each empty or one per gene) added to the logits by the loss.
+    pub fn with_bias(px_r: &[f32], bias_scale: &[f32], bias_pi: &[f32]) -> Self {
+        let mut d = Dispersion::new(px_r);
+        d.bias_scale = bias_scale.to_vec();
+        d.bias_pi = bias_pi.to_vec();
+        d
+    }
+}
+
+/// Adds the heads' biases of `disp` (if any) to the logits.
+#[inline]
+pub(crate) fn add_bias(a: &mut [f32], pi: Option<&mut [f32]>, disp: &Dispersion) {
+    if !disp.bias_scale.is_empty() {
+        for (v, b) in a.iter_mut().zip(&disp.bias_scale) {
+            *v += b;
+        }
+    }
+    if let Some(pi) = pi {
+        if !disp.bias_pi.is_empty() {
+            for (v, b) in pi.iter_mut().zip(&disp.bias_pi) {
+                *v += b;
+            }
+        }
     }
 }
 
@@ -224,9 +261,10 @@ fn lane_max(v: &[f32]) -> f32 {
     m
 }
 
-/// Reconstruction loss (`-log p(x|z)`, summed over genes) of one cell. On return `a` (the
-/// `px_scale` logits, length G) and `pi` (the zero-inflation logits, ZINB only) hold
-/// `grad_scale` times the gradients of the loss with respect to them.
+/// Reconstruction loss (`-log p(x|z)`, summed over genes) of one cell. `a` (the `px_scale`
+/// logits, length G) and `pi` (the zero-inflation logits, ZINB only) come without the heads'
+/// biases of `disp` (which are added here); on return they hold `grad_scale` times the
+/// gradients of the loss with respect to them.
 pub fn cell_loss_grad(
     a: &mut [f32],
     pi: Option<&mut [f32]>,
@@ -235,6 +273,15 @@ pub fn cell_loss_grad(
     disp: &Dispersion,
     grad_scale: f32,
 ) -> f64 {
+    #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+    {
+        if crate::scvi::simd::avx512() {
+            // SAFETY: the CPU has AVX-512 F/DQ/VL (checked at run time).
+            return unsafe {
+                super::loss_avx512::cell_loss_grad_avx512(a, pi, scratch, cell, disp, grad_scale)
+            };
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if crate::scvi::simd::avx2_fma() {
@@ -263,6 +310,8 @@ pub(crate) fn cell_loss_grad_body(
     let theta = &disp.theta[..g_n];
     let lth = &disp.log_theta[..g_n];
     scratch.fit(g_n);
+    let mut pi = pi;
+    add_bias(a, pi.as_deref_mut(), disp);
     let LossScratch { s, l, nz } = scratch;
     // softmax
     let m = lane_max(a);
@@ -496,57 +545,95 @@ mod tests {
         }
     }
 
-    /// The AVX2 path (what `cell_loss_grad` dispatches to here) against the portable body,
-    /// on gene counts that leave partial 8-lane blocks, with and without non-zeros.
+    /// Every SIMD path the CPU has (AVX2, AVX-512) against the portable body, on gene counts
+    /// that leave partial 8- and 16-lane blocks, with and without non-zeros and heads'
+    /// biases.
     #[test]
     fn simd_and_portable_paths_agree() {
         use rand::{RngExt, SeedableRng};
+        type Kernel = unsafe fn(
+            &mut [f32],
+            Option<&mut [f32]>,
+            &mut LossScratch,
+            &CellCounts,
+            &Dispersion,
+            f32,
+        ) -> f64;
+        #[allow(unused_mut)]
+        let mut kernels: Vec<(&str, Kernel)> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::scvi::simd::avx2_fma() {
+                kernels.push(("avx2", crate::scvi::loss_avx2::cell_loss_grad_avx2));
+            }
+        }
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        {
+            if crate::scvi::simd::avx512() {
+                kernels.push(("avx512", crate::scvi::loss_avx512::cell_loss_grad_avx512));
+            }
+        }
+        // what cell_loss_grad dispatches to, always
+        kernels.push(("dispatch", |a, pi, sc, cell, disp, gs| {
+            cell_loss_grad(a, pi, sc, cell, disp, gs)
+        }));
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for &n in &[1usize, 7, 8, 37, 64, 203] {
+        for &n in &[1usize, 7, 8, 15, 16, 17, 37, 64, 203] {
             for &zinb in &[true, false] {
                 for &density in &[0.0f64, 0.3, 1.0] {
-                    let px_r: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..3.0)).collect();
-                    let disp = Dispersion::new(&px_r);
-                    let a0: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0..4.0)).collect();
-                    let p0: Vec<f32> = (0..n).map(|_| rng.random_range(-6.0..6.0)).collect();
-                    let mut genes = Vec::new();
-                    let mut xs = Vec::new();
-                    for g in 0..n {
-                        if rng.random::<f64>() < density {
-                            genes.push(g as u32);
-                            xs.push(rng.random_range(1..60) as f32);
-                        }
-                    }
-                    let lgc: Vec<f64> = genes
-                        .iter()
-                        .zip(&xs)
-                        .map(|(&g, &x)| lgamma_const(x as f64, disp.theta[g as usize] as f64))
-                        .collect();
-                    let cell = CellCounts {
-                        genes: &genes,
-                        x: &xs,
-                        lgc: lgc.iter().sum(),
-                        library: xs.iter().sum::<f32>().max(1.0),
-                    };
-                    let run = |simd: bool| {
-                        let (mut a, mut p) = (a0.clone(), p0.clone());
-                        let mut sc = LossScratch::default();
-                        let pi = if zinb { Some(&mut p[..]) } else { None };
-                        let l = if simd {
-                            cell_loss_grad(&mut a, pi, &mut sc, &cell, &disp, 0.25)
+                    for &biased in &[false, true] {
+                        let px_r: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..3.0)).collect();
+                        let disp = if biased {
+                            let b1: Vec<f32> =
+                                (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                            let b2: Vec<f32> =
+                                (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+                            Dispersion::with_bias(&px_r, &b1, &b2)
                         } else {
-                            cell_loss_grad_body(&mut a, pi, &mut sc, &cell, &disp, 0.25)
+                            Dispersion::new(&px_r)
                         };
-                        (l, a, p)
-                    };
-                    let (l1, a1, p1) = run(true);
-                    let (l2, a2, p2) = run(false);
-                    assert!(
-                        (l1 - l2).abs() <= 2e-5 * l2.abs().max(1.0),
-                        "n {n} zinb {zinb} density {density}: {l1} vs {l2}"
-                    );
-                    for (u, v) in a1.iter().zip(&a2).chain(p1.iter().zip(&p2)) {
-                        assert!((u - v).abs() <= 5e-5 * v.abs().max(1e-2), "{u} vs {v}");
+                        let a0: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0..4.0)).collect();
+                        let p0: Vec<f32> = (0..n).map(|_| rng.random_range(-6.0..6.0)).collect();
+                        let mut genes = Vec::new();
+                        let mut xs = Vec::new();
+                        for g in 0..n {
+                            if rng.random::<f64>() < density {
+                                genes.push(g as u32);
+                                xs.push(rng.random_range(1..60) as f32);
+                            }
+                        }
+                        let lgc: Vec<f64> = genes
+                            .iter()
+                            .zip(&xs)
+                            .map(|(&g, &x)| lgamma_const(x as f64, disp.theta[g as usize] as f64))
+                            .collect();
+                        let cell = CellCounts {
+                            genes: &genes,
+                            x: &xs,
+                            lgc: lgc.iter().sum(),
+                            library: xs.iter().sum::<f32>().max(1.0),
+                        };
+                        let (mut a2, mut p2) = (a0.clone(), p0.clone());
+                        let mut sc = LossScratch::default();
+                        let pi = if zinb { Some(&mut p2[..]) } else { None };
+                        let l2 = cell_loss_grad_body(&mut a2, pi, &mut sc, &cell, &disp, 0.25);
+                        for (name, f) in &kernels {
+                            let (mut a1, mut p1) = (a0.clone(), p0.clone());
+                            let pi = if zinb { Some(&mut p1[..]) } else { None };
+                            // SAFETY: the kernels were listed only where the CPU has them.
+                            let l1 = unsafe { f(&mut a1, pi, &mut sc, &cell, &disp, 0.25) };
+                            let what = format!("{name}: n {n} zinb {zinb} density {density}");
+                            assert!(
+                                (l1 - l2).abs() <= 2e-5 * l2.abs().max(1.0),
+                                "{what}: {l1} vs {l2}"
+                            );
+                            for (u, v) in a1.iter().zip(&a2).chain(p1.iter().zip(&p2)) {
+                                assert!(
+                                    (u - v).abs() <= 5e-5 * v.abs().max(1e-2),
+                                    "{what}: {u} vs {v}"
+                                );
+                            }
+                        }
                     }
                 }
             }

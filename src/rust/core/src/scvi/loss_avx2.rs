@@ -217,12 +217,36 @@ pub(crate) fn cell_loss_grad_avx2(
     let lth = &disp.log_theta[..g_n];
     scratch.fit(g_n);
     let LossScratch { s, l: _, nz } = scratch;
+    let mut pi = pi;
+    // the heads' biases (the portable add on the tail; the max pass below adds them to the
+    // full blocks)
+    let full = g_n / 8 * 8;
+    let has_bs = !disp.bias_scale.is_empty();
+    if has_bs {
+        for (v, b) in a[full..].iter_mut().zip(&disp.bias_scale[full..g_n]) {
+            *v += b;
+        }
+    }
+    if let Some(p) = pi.as_deref_mut() {
+        if !disp.bias_pi.is_empty() {
+            for (v, b) in p.iter_mut().zip(&disp.bias_pi[..g_n]) {
+                *v += b;
+            }
+        }
+    }
     // softmax: max, exp, sum, scale
     let mut mx = splat(f32::NEG_INFINITY);
-    let mut it = a.chunks_exact(8);
-    for c in &mut it {
-        mx = _mm256_max_ps(mx, ld(c, 0));
+    let mut i = 0;
+    while i < full {
+        let mut v = ld(a, i);
+        if has_bs {
+            v = _mm256_add_ps(v, ld(&disp.bias_scale, i));
+            st(a, i, v);
+        }
+        mx = _mm256_max_ps(mx, v);
+        i += 8;
     }
+    let it = a.chunks_exact(8);
     let mut lanes = [0.0f32; 8];
     // SAFETY: 8 floats.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), mx) };

@@ -5,7 +5,9 @@
 //! `model.pt` ([`model_write`]).
 
 pub mod loss;
-mod loss_avx2;
+pub(crate) mod loss_avx2;
+#[cfg(all(target_arch = "x86_64", scannot_avx512))]
+pub(crate) mod loss_avx512;
 pub mod model_file;
 pub mod model_write;
 pub(crate) mod simd;

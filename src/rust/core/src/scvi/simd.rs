@@ -13,3 +13,15 @@ pub fn avx2_fma() -> bool {
 pub fn avx2_fma() -> bool {
     false
 }
+
+/// Whether the CPU has the AVX-512 subsets the f32 kernels use (F, DQ, VL; implies AVX2 and
+/// FMA). Only compiled with rustc >= 1.89 (where the AVX-512 intrinsics are stable; see
+/// `build.rs`).
+#[cfg(all(target_arch = "x86_64", scannot_avx512))]
+#[inline]
+pub fn avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && avx2_fma()
+}

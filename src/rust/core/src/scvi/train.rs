@@ -218,6 +218,49 @@ fn gemm_rows(
         });
 }
 
+/// `sum(a * b)` (`b = None`: `sum(a)`) in 16 independent f32 lanes (so that it vectorises),
+/// the lanes added last; the layer widths are small (128), well inside f32's accuracy.
+#[inline]
+fn lane_dot(a: &[f32], b: Option<&[f32]>, shift: f32) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let mut ai = a.chunks_exact(16);
+    match b {
+        Some(b) => {
+            let mut bi = b.chunks_exact(16);
+            for (x, y) in (&mut ai).zip(&mut bi) {
+                for k in 0..16 {
+                    acc[k] += x[k] * y[k];
+                }
+            }
+            for (k, (x, y)) in ai.remainder().iter().zip(bi.remainder()).enumerate() {
+                acc[k] += x * y;
+            }
+        }
+        None if shift != 0.0 => {
+            // sum((a - shift)^2)
+            for x in &mut ai {
+                for k in 0..16 {
+                    acc[k] += (x[k] - shift) * (x[k] - shift);
+                }
+            }
+            for (k, x) in ai.remainder().iter().enumerate() {
+                acc[k] += (x - shift) * (x - shift);
+            }
+        }
+        None => {
+            for x in &mut ai {
+                for k in 0..16 {
+                    acc[k] += x[k];
+                }
+            }
+            for (k, x) in ai.remainder().iter().enumerate() {
+                acc[k] += x;
+            }
+        }
+    }
+    acc.iter().sum()
+}
+
 /// LayerNorm (optional), ReLU, dropout (optional) in place on `rows x n` pre-activations.
 /// Keeps what the backward pass needs: the normalised values in `y`, `1/sd` per row, and
 /// the dropout mask (scaled, 0 or 1/(1-p)) in `mask`.
@@ -228,14 +271,14 @@ fn activate(pre: &mut [f32], n: usize, ln: bool, y: &mut [f32], inv_sd: &mut [f3
         .enumerate()
         .for_each(|(r, ((p, yy), isd))| {
             if ln {
-                let mu = p.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-                let var = p
-                    .iter()
-                    .map(|&v| (v as f64 - mu) * (v as f64 - mu))
-                    .sum::<f64>()
-                    / n as f64;
-                let inv = (1.0 / (var + LN_EPS as f64).sqrt()) as f32;
-                let mu = mu as f32;
+                let nf = n as f32;
+                let mu = lane_dot(p, None, 0.0) / nf;
+                let var = if mu == 0.0 {
+                    lane_dot(p, Some(p), 0.0)
+                } else {
+                    lane_dot(p, None, mu)
+                } / nf;
+                let inv = 1.0 / (var + LN_EPS).sqrt();
                 for v in p.iter_mut() {
                     *v = (*v - mu) * inv;
                 }
@@ -272,15 +315,9 @@ fn deactivate(d: &mut [f32], n: usize, ln: bool, y: &[f32], inv_sd: &[f32], mask
                 }
             }
             if ln {
-                let nf = n as f64;
-                let md = dd.iter().map(|&v| v as f64).sum::<f64>() / nf;
-                let mdy = dd
-                    .iter()
-                    .zip(yy)
-                    .map(|(&v, &yv)| v as f64 * yv as f64)
-                    .sum::<f64>()
-                    / nf;
-                let (md, mdy) = (md as f32, mdy as f32);
+                let nf = n as f32;
+                let md = lane_dot(dd, None, 0.0) / nf;
+                let mdy = lane_dot(dd, Some(yy), 0.0) / nf;
                 for (v, &yv) in dd.iter_mut().zip(yy) {
                     *v = isd * (*v - md - yv * mdy);
                 }
@@ -302,6 +339,11 @@ pub struct QueryData {
     lgc: Vec<f64>,
     library: Vec<f32>,
     batch: Vec<u32>,
+    /// per cell, the end (index into `xin`) of its non-zeros in each block of
+    /// [`GENE_CHUNK`] genes (`n_cells x ceil(G / GENE_CHUNK)`): the blocks of the sparse
+    /// first encoder layer
+    chunk_ends: Vec<usize>,
+    n_chunks: usize,
 }
 
 impl QueryData {
@@ -459,7 +501,6 @@ pub struct SurgeryModel {
     dec: Vec<Layer>,
     /// the px_scale head then (ZINB) the px_dropout head: `n_heads * G x H`
     heads_w: Vec<f32>,
-    heads_b: Vec<f32>,
     zinb: bool,
     disp: Dispersion,
     ln_enc: bool,
@@ -597,6 +638,7 @@ impl SurgeryModel {
                 "px_r has shape {rs:?}, expected [{g}]"
             )));
         }
+        let (b_scale, b_pi) = heads_b.split_at(g);
         Ok(SurgeryModel {
             n_genes: g,
             n_latent: nl,
@@ -607,9 +649,8 @@ impl SurgeryModel {
             var,
             dec,
             heads_w,
-            heads_b,
             zinb,
-            disp: Dispersion::new(&px_r),
+            disp: Dispersion::with_bias(&px_r, b_scale, b_pi),
             ln_enc,
             ln_dec,
             dropout: p.dropout_rate as f32,
@@ -782,8 +823,25 @@ impl SurgeryModel {
             lgc.extend(lg);
             library.extend(lib);
         }
+        let n_chunks = self.n_genes.div_ceil(GENE_CHUNK).max(1);
+        let mut chunk_ends = vec![0usize; n * n_chunks];
+        chunk_ends
+            .par_chunks_mut(n_chunks)
+            .enumerate()
+            .for_each(|(j, ends)| {
+                let (mut e, stop) = (start[j], start[j + 1]);
+                for (c, end) in ends.iter_mut().enumerate() {
+                    let g1 = ((c + 1) * GENE_CHUNK) as u32;
+                    while e < stop && genes[e] < g1 {
+                        e += 1;
+                    }
+                    *end = e;
+                }
+            });
         Ok(QueryData {
             n_cells: n,
+            chunk_ends,
+            n_chunks,
             start,
             genes,
             x,
@@ -826,17 +884,18 @@ impl SurgeryModel {
                             }
                         } else {
                             // genes in chunks whose panel slice fits the L1 cache; each cell's
-                            // non-zeros are sorted by gene (see `prepare`)
-                            let mut cur: Vec<usize> = cc.iter().map(|&j| data.start[j]).collect();
+                            // non-zeros are sorted by gene, their chunk ends precomputed (see
+                            // `prepare`)
+                            let nc = data.n_chunks;
                             let mut ranges = vec![(0usize, 0usize); cc.len()];
-                            for g0 in (0..l.n_in).step_by(GENE_CHUNK) {
-                                let g1 = (g0 + GENE_CHUNK).min(l.n_in) as u32;
-                                for ((r, c), &j) in ranges.iter_mut().zip(cur.iter_mut()).zip(cc) {
-                                    let a = *c;
-                                    let len = data.xin[a..data.start[j + 1]]
-                                        .partition_point(|e| e.0 < g1);
-                                    *c = a + len;
-                                    *r = (a, a + len);
+                            for ci in 0..l.n_in.div_ceil(GENE_CHUNK) {
+                                for (r, &j) in ranges.iter_mut().zip(cc) {
+                                    let a = if ci == 0 {
+                                        data.start[j]
+                                    } else {
+                                        data.chunk_ends[j * nc + ci - 1]
+                                    };
+                                    *r = (a, data.chunk_ends[j * nc + ci]);
                                 }
                                 for (pi, panel) in l.panels.chunks_exact(l.n_in * PANEL).enumerate()
                                 {
@@ -935,13 +994,11 @@ impl SurgeryModel {
                     let rows = cc.len();
                     logits.resize(rows * width, 0.0);
                     let logits = &mut logits[..rows * width];
-                    for row in logits.chunks_mut(width) {
-                        row.copy_from_slice(&self.heads_b);
-                    }
+                    // the heads' biases are added by the loss (`self.disp`)
                     let wv = MatRef::from_row_major_slice(&self.heads_w, width, hd);
                     matmul(
                         MatMut::from_row_major_slice_mut(logits, rows, width),
-                        Accum::Add,
+                        Accum::Replace,
                         MatRef::from_row_major_slice(hc, rows, hd),
                         wv.transpose(),
                         1.0f32,
