@@ -387,6 +387,29 @@ pub fn query_model_file(
             data: TensorData::F32(join_columns(lw.n_out, lw.n_in, &lw.w, &lw.wc)),
         };
     }
+    // the trained BatchNorm affine parameters (decoder batch norm); running statistics and
+    // num_batches_tracked stay the reference's (scvi-tools trains the query in eval mode)
+    for (base, gamma, beta) in model.batch_norm_affine() {
+        for (what, v) in [("weight", gamma), ("bias", beta)] {
+            let key = format!("{base}.{what}");
+            let slot = q
+                .state_dict
+                .iter_mut()
+                .find(|(k, _)| *k == key)
+                .ok_or_else(|| ScError::Format(format!("the reference has no '{key}'")))?;
+            if slot.1.shape != [v.len()] {
+                return Err(ScError::Dims(format!(
+                    "{key} has shape {:?} in the reference but {} values were trained",
+                    slot.1.shape,
+                    v.len()
+                )));
+            }
+            slot.1 = Tensor {
+                shape: vec![v.len()],
+                data: TensorData::F32(v),
+            };
+        }
+    }
     // l_encoder takes the encoder's covariates: append its new columns
     let mut rng = ChaCha8Rng::seed_from_u64(info.seed ^ 0x5eed_1e9c_0de5);
     let g = reference.var_names.len();

@@ -4,11 +4,19 @@
 //! What trains (`_set_params_online_update` with its defaults): every FCLayers Linear has a
 //! gradient hook that keeps only the gradient of its categorical one-hot columns (all of them,
 //! reference batches included) and zeroes the bias gradient; every other tensor (mean / var
-//! encoders, `px_scale` / `px_dropout` heads, `px_r`) is frozen. `l_encoder` is trainable but
-//! unused with the observed library size, so it gets no gradient. Hence the only parameters
-//! this module updates are the covariate columns of the encoder and decoder FC layers, and the
-//! backward pass needs no weight gradient of any frozen matrix: the decoder heads are one GEMM
-//! forward and one GEMM back per minibatch, fused with the ZINB / NB loss ([`super::loss`]).
+//! encoders, `px_scale` / `px_dropout` heads, `px_r`, encoder BatchNorm) is frozen, except the
+//! decoder BatchNorm's affine weight and bias (`freeze_batchnorm_decoder = False`), which train
+//! in full. `l_encoder` is trainable but unused with the observed library size, so it gets no
+//! gradient. Hence the backward pass needs no weight gradient of any frozen matrix: the decoder
+//! heads are one GEMM forward and one GEMM back per minibatch, fused with the ZINB / NB loss
+//! ([`super::loss`]).
+//!
+//! Mode: `load_query_data` leaves the module in eval mode and scvi-tools 1.4.2 with lightning
+//! 2.2 or newer (2.6.6 pinned) keeps each submodule's mode during `train()`, so query training
+//! runs in eval mode (verified with forward hooks: every BatchNorm1d and Dropout forward has
+//! `training = False`, and the decoder BatchNorm running statistics and `num_batches_tracked`
+//! are unchanged after training). BatchNorm therefore normalises with its running statistics
+//! (an affine map per feature), in training and validation alike.
 //!
 //! Loss per minibatch: `mean_cells[-log p(x | z, l) + kl_weight KL(q(z|x) || N(0, I))]`,
 //! `z = qz_m + sqrt(qz_v) eps`, `kl_weight = epoch / 400` during warm-up. Optimiser: torch Adam
@@ -17,10 +25,10 @@
 //! Logged `elbo_*` = mean over the set's cells of reconstruction loss + unweighted KL.
 //! Early stopping: `elbo_validation`, mode min, min_delta 0, patience 45.
 //!
-//! Scope: one-hot batch, no batch norm (the scArches settings use layer norm), gene
-//! dispersion, ZINB or NB likelihood, observed library size, normal latent, no extra
-//! covariates. Noise comes from a seeded ChaCha RNG, not torch's, so runs agree with
-//! scvi-tools in distribution (ELBO, latent geometry), not bit for bit.
+//! Scope: one-hot batch, batch norm and / or layer norm (any `use_batch_norm` /
+//! `use_layer_norm`), gene dispersion, ZINB or NB likelihood, observed library size, normal
+//! latent, no extra covariates. Noise comes from a seeded ChaCha RNG, not torch's, so runs
+//! agree with scvi-tools in distribution (ELBO, latent geometry), not bit for bit.
 
 use super::loss::{cell_loss_grad, CellCounts, Dispersion, LossScratch};
 use super::model_file::{ScviModelFile, Tensor};
@@ -64,6 +72,92 @@ struct Layer {
     b: Vec<f32>,
     /// `n_cov x n_out`: the covariate columns, one row per one-hot column (empty if none)
     wc: Vec<f32>,
+    /// the BatchNorm1d after the Linear (`use_batch_norm`), if any
+    bn: Option<BatchNorm>,
+}
+
+/// BatchNorm1d (eps 1e-3) in eval mode, as scvi-tools 1.4.2 runs it during query training:
+/// `y = gamma (x - running_mean) / sqrt(running_var + eps) + beta`. The running statistics
+/// never change (the loaded query module stays in eval mode under lightning >= 2.2); the
+/// affine `gamma` / `beta` train in the decoder (`freeze_batchnorm_decoder = False`) and are
+/// frozen in the encoder.
+#[derive(Debug, Clone)]
+struct BatchNorm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    mean: Vec<f32>,
+    /// `1 / sqrt(running_var + eps)`
+    inv_sd: Vec<f32>,
+    trainable: bool,
+}
+
+const BN_EPS: f64 = 1e-3;
+
+impl BatchNorm {
+    /// Reads `<base>.weight`, `.bias`, `.running_mean`, `.running_var` (`n` features each).
+    fn read(m: &ScviModelFile, base: &str, n: usize, trainable: bool) -> ScResult<Self> {
+        let get = |what: &str| -> ScResult<Vec<f32>> {
+            let (shape, v) = tensor_f32(m, &format!("{base}.{what}"))?;
+            if shape != [n] {
+                return Err(ScError::Dims(format!(
+                    "{base}.{what} has shape {shape:?}, expected [{n}]"
+                )));
+            }
+            Ok(v)
+        };
+        let gamma = get("weight")?;
+        let beta = get("bias")?;
+        let mean = get("running_mean")?;
+        let inv_sd = get("running_var")?
+            .iter()
+            .map(|&v| (1.0 / (v as f64 + BN_EPS).sqrt()) as f32)
+            .collect();
+        Ok(BatchNorm {
+            gamma,
+            beta,
+            mean,
+            inv_sd,
+            trainable,
+        })
+    }
+
+    /// In place on `rows x n` values; keeps the normalised values in `xhat` when the affine
+    /// parameters train (their gradient needs them), else leaves it empty.
+    fn forward(&self, x: &mut [f32], xhat: &mut Vec<f32>) {
+        let n = self.gamma.len();
+        xhat.clear();
+        for row in x.chunks_mut(n) {
+            for (j, v) in row.iter_mut().enumerate() {
+                let h = (*v - self.mean[j]) * self.inv_sd[j];
+                if self.trainable {
+                    xhat.push(h);
+                }
+                *v = self.gamma[j] * h + self.beta[j];
+            }
+        }
+    }
+
+    /// `d` (`rows x n`): the gradient w.r.t. the output on entry, w.r.t. the input on return;
+    /// the gradients of gamma and beta (when trainable) are returned.
+    fn backward(&self, d: &mut [f32], xhat: &[f32]) -> Option<(Vec<f32>, Vec<f32>)> {
+        let n = self.gamma.len();
+        let grads = self.trainable.then(|| {
+            let (mut dg, mut db) = (vec![0.0f32; n], vec![0.0f32; n]);
+            for (row, xr) in d.chunks(n).zip(xhat.chunks(n)) {
+                for j in 0..n {
+                    dg[j] += row[j] * xr[j];
+                    db[j] += row[j];
+                }
+            }
+            (dg, db)
+        });
+        for row in d.chunks_mut(n) {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v *= self.gamma[j] * self.inv_sd[j];
+            }
+        }
+        grads
+    }
 }
 
 fn tensor_f32(m: &ScviModelFile, key: &str) -> ScResult<(Vec<usize>, Vec<f32>)> {
@@ -141,6 +235,7 @@ impl Layer {
             panels,
             b,
             wc,
+            bn: None,
         })
     }
 
@@ -484,7 +579,8 @@ pub struct StepOutput {
     pub reconstruction: Vec<f64>,
     pub kl: Vec<f64>,
     /// gradients of `mean(rec + kl_weight KL)` w.r.t. the covariate columns, per encoder
-    /// layer then per decoder layer, each `n_cov x n_out`
+    /// layer then per decoder layer, each `n_cov x n_out`; then those of gamma and beta of
+    /// each trainable BatchNorm (decoder layers with batch norm), in layer order
     pub grads: Vec<Vec<f32>>,
 }
 
@@ -524,13 +620,18 @@ impl SurgeryModel {
         let unsupported = |what: String| {
             Err(ScError::Input(format!(
                 "query training supports SCVI models with the scArches settings \
-                 (use_batch_norm = 'none', gene dispersion, one-hot batch, no extra \
-                 covariates); this model has {what}"
+                 (gene dispersion, one-hot batch, no extra covariates); this model has \
+                 {what}"
             )))
         };
-        if p.use_batch_norm != "none" {
+        if !matches!(
+            p.use_batch_norm.as_str(),
+            "none" | "both" | "encoder" | "decoder"
+        ) {
             return unsupported(format!("use_batch_norm = '{}'", p.use_batch_norm));
         }
+        let bn_enc = matches!(p.use_batch_norm.as_str(), "both" | "encoder");
+        let bn_dec = matches!(p.use_batch_norm.as_str(), "both" | "decoder");
         if p.dispersion != "gene" {
             return unsupported(format!("dispersion = '{}'", p.dispersion));
         }
@@ -570,7 +671,7 @@ impl SurgeryModel {
         for i in 0..p.n_layers {
             let takes = p.encode_covariates && (i == 0 || p.deeply_inject_covariates);
             let (oc, nn) = if takes { (old_cov, n_new) } else { (0, 0) };
-            let l = Layer::read(
+            let mut l = Layer::read(
                 m,
                 &format!("z_encoder.encoder.fc_layers.Layer {i}.0"),
                 n_prev,
@@ -579,6 +680,10 @@ impl SurgeryModel {
                 &mut rng,
                 i == 0,
             )?;
+            if bn_enc {
+                let base = format!("z_encoder.encoder.fc_layers.Layer {i}.1");
+                l.bn = Some(BatchNorm::read(m, &base, l.n_out, false)?);
+            }
             n_prev = l.n_out;
             enc.push(l);
         }
@@ -601,7 +706,7 @@ impl SurgeryModel {
         for i in 0..p.n_layers {
             let takes = i == 0 || p.deeply_inject_covariates;
             let (oc, nn) = if takes { (old_cov, n_new) } else { (0, 0) };
-            let l = Layer::read(
+            let mut l = Layer::read(
                 m,
                 &format!("decoder.px_decoder.fc_layers.Layer {i}.0"),
                 n_prev,
@@ -610,6 +715,10 @@ impl SurgeryModel {
                 &mut rng,
                 false,
             )?;
+            if bn_dec {
+                let base = format!("decoder.px_decoder.fc_layers.Layer {i}.1");
+                l.bn = Some(BatchNorm::read(m, &base, l.n_out, true)?);
+            }
             n_prev = l.n_out;
             dec.push(l);
         }
@@ -685,11 +794,56 @@ impl SurgeryModel {
             .collect()
     }
 
+    /// What Adam updates, in the order of [`StepOutput::grads`]: the covariate columns per
+    /// encoder then decoder layer, then gamma and beta of each trainable BatchNorm.
     fn params_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        let mut bn = Vec::new();
+        let mut out = Vec::new();
+        for l in self.enc.iter_mut().chain(self.dec.iter_mut()) {
+            out.push(&mut l.wc);
+            if let Some(b) = l.bn.as_mut().filter(|b| b.trainable) {
+                bn.push(&mut b.gamma);
+                bn.push(&mut b.beta);
+            }
+        }
+        out.extend(bn);
+        out
+    }
+
+    /// The trained BatchNorm affine parameters (the decoder's, with batch norm): per layer its
+    /// state-dict base key (`decoder.px_decoder.fc_layers.Layer i.1`), `weight` (gamma) and
+    /// `bias` (beta). Running statistics are not trained (see [`BatchNorm`]).
+    pub fn batch_norm_affine(&self) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+        let named = |prefix: &str, layers: &[Layer]| -> Vec<(String, Vec<f32>, Vec<f32>)> {
+            layers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| {
+                    let b = l.bn.as_ref().filter(|b| b.trainable)?;
+                    Some((
+                        format!("{prefix}.fc_layers.Layer {i}.1"),
+                        b.gamma.clone(),
+                        b.beta.clone(),
+                    ))
+                })
+                .collect()
+        };
+        let mut out = named("z_encoder.encoder", &self.enc);
+        out.extend(named("decoder.px_decoder", &self.dec));
+        out
+    }
+
+    /// Mutable gamma and beta of the trainable BatchNorm layers (order of
+    /// [`Self::batch_norm_affine`]), for tests.
+    #[cfg(test)]
+    pub(crate) fn batch_norm_affine_mut(&mut self) -> Vec<(&mut Vec<f32>, &mut Vec<f32>)> {
         self.enc
             .iter_mut()
             .chain(self.dec.iter_mut())
-            .map(|l| &mut l.wc)
+            .filter_map(|l| {
+                let b = l.bn.as_mut().filter(|b| b.trainable)?;
+                Some((&mut b.gamma, &mut b.beta))
+            })
             .collect()
     }
 
@@ -913,6 +1067,11 @@ impl SurgeryModel {
             } else {
                 l.forward(&st.enc_out[li - 1], &st.codes, &mut pre);
             }
+            let mut xhat = Vec::new();
+            if let Some(bn) = &l.bn {
+                bn.forward(&mut pre, &mut xhat);
+            }
+            st.enc_bn.push(xhat);
             let mut y = vec![0.0f32; bsz * n];
             let mut isd = vec![1.0f32; bsz];
             activate(&mut pre, n, self.ln_enc, &mut y, &mut isd, &masks[li]);
@@ -961,10 +1120,16 @@ impl SurgeryModel {
         let mut dec_in = z.clone();
         let mut dec_y = Vec::new();
         let mut dec_isd = Vec::new();
+        let mut dec_bn = Vec::new();
         let mut dec_inputs = Vec::new();
         for l in &self.dec {
             let mut pre = vec![0.0f32; bsz * l.n_out];
             l.forward(&dec_in, &st.codes, &mut pre);
+            let mut xhat = Vec::new();
+            if let Some(bn) = &l.bn {
+                bn.forward(&mut pre, &mut xhat);
+            }
+            dec_bn.push(xhat);
             let mut y = vec![0.0f32; bsz * l.n_out];
             let mut isd = vec![1.0f32; bsz];
             activate(&mut pre, l.n_out, self.ln_dec, &mut y, &mut isd, &[]);
@@ -1026,9 +1191,16 @@ impl SurgeryModel {
         let mut grads = Vec::new();
         if grad {
             let mut dec_grads = Vec::new();
+            let mut bn_grads = Vec::new();
             let mut d = dh;
             for (li, l) in self.dec.iter().enumerate().rev() {
                 deactivate(&mut d, l.n_out, self.ln_dec, &dec_y[li], &dec_isd[li], &[]);
+                if let Some(bn) = &l.bn {
+                    if let Some((dg, db)) = bn.backward(&mut d, &dec_bn[li]) {
+                        bn_grads.push(db);
+                        bn_grads.push(dg);
+                    }
+                }
                 dec_grads.push(cov_grad(l, &d, &st.codes));
                 let mut dx = vec![0.0f32; bsz * l.n_in];
                 l.backward_input(&d, bsz, &mut dx, 0.0);
@@ -1061,6 +1233,12 @@ impl SurgeryModel {
                     &st.enc_isd[li],
                     mask,
                 );
+                if let Some(bn) = &l.bn {
+                    if let Some((dg, db)) = bn.backward(&mut d, &st.enc_bn[li]) {
+                        bn_grads.push(db);
+                        bn_grads.push(dg);
+                    }
+                }
                 enc_grads.push(cov_grad(l, &d, &st.codes));
                 if li > 0 {
                     let mut dx = vec![0.0f32; bsz * l.n_in];
@@ -1069,8 +1247,12 @@ impl SurgeryModel {
                 }
             }
             enc_grads.reverse();
+            // collected last layer first, beta before gamma: reversed, encoder then decoder
+            // layers, gamma then beta
+            bn_grads.reverse();
             grads = enc_grads;
             grads.extend(dec_grads);
+            grads.extend(bn_grads);
         }
         StepOutput {
             reconstruction_sum,
@@ -1321,6 +1503,8 @@ struct State {
     codes: Vec<u32>,
     enc_y: Vec<Vec<f32>>,
     enc_isd: Vec<Vec<f32>>,
+    /// per layer: BatchNorm's normalised values (trainable BatchNorm only, else empty)
+    enc_bn: Vec<Vec<f32>>,
     enc_out: Vec<Vec<f32>>,
     mu: Vec<f32>,
     u: Vec<f32>,

@@ -340,11 +340,264 @@ fn cancellation_stops_between_minibatches() {
     assert_ne!(before, s.covariate_weights().concat());
 }
 
+// ---- batch norm: the `default` reference (BatchNorm in encoder and decoder, no layer norm,
+// batch not encoded; n_hidden 16, n_latent 4, 1 layer), goldens in `surgery_bn/`
+
+fn bn_model() -> (ScviModelFile, SurgeryModel) {
+    let m = read_scvi_model(&dir().join("surgery_bn/init")).unwrap();
+    assert_eq!(m.init.use_batch_norm, "both");
+    let s = SurgeryModel::from_model(&m, 0, 1).unwrap();
+    (m, s)
+}
+
+fn bn_grad_eps() -> Vec<f32> {
+    let (_, rows) = csv("surgery_bn/grad_eps.csv");
+    rows.iter()
+        .flat_map(|r| r[1..].iter().map(|v| v.parse::<f32>().unwrap()))
+        .collect()
+}
+
+fn bn_split() -> (Vec<usize>, Vec<usize>) {
+    let (_, split) = csv("surgery_bn/split.csv");
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for r in &split {
+        let j: usize = r[0].parse().unwrap();
+        if r[1] == "train" {
+            train.push(j)
+        } else {
+            val.push(j)
+        }
+    }
+    (train, val)
+}
+
+/// Eval-mode encoder with BatchNorm (running statistics): equal to the reference encoder of
+/// `vae.rs` and, since the batch is not encoded and the encoder's BatchNorm is frozen, to
+/// scvi-tools' latent after query training.
 #[test]
-fn rejects_batch_norm_models() {
-    let m = read_scvi_model(&dir().join("default")).unwrap();
-    let e = SurgeryModel::from_model(&m, 1, 0).unwrap_err();
-    assert!(e.to_string().contains("use_batch_norm"), "{e}");
+fn bn_latent_matches_the_encoder_and_scvi_tools_after_training() {
+    let (m, mut s) = bn_model();
+    let (data, batch) = prepared(&s);
+    let ours = s.latent(&data, 2).unwrap();
+    let (g, n, x, _) = query();
+    let enc = ScviEncoder::from_model(&m).unwrap();
+    let cov = Covariates {
+        batch: Some(&batch),
+        ..Default::default()
+    };
+    let r = enc
+        .latent(&ExprMatrix::Dense(DenseView::new(g, n, &x).unwrap()), &cov)
+        .unwrap();
+    for (a, b) in ours.mean.iter().zip(&r.mean) {
+        assert!((a - b).abs() < 2e-5, "{a} vs {b}");
+    }
+    // a few epochs of training leave the latent unchanged
+    let opts = TrainOptions {
+        max_epochs: Some(3),
+        freeze_dropout: true,
+        split: Some(bn_split()),
+        n_threads: 2,
+        ..Default::default()
+    };
+    s.train(&data, &opts, &mut |_| {}, &|| false).unwrap();
+    let after = s.latent(&data, 1).unwrap();
+    assert_eq!(after.mean, ours.mean);
+    let (h, rows) = csv("surgery_bn/latent.csv");
+    let nl = h.len() - 1;
+    assert_eq!(nl, after.n_latent);
+    for (j, r) in rows.iter().enumerate() {
+        for k in 0..nl {
+            let t: f64 = r[k + 1].parse().unwrap();
+            let o = after.mean[k * n + j];
+            assert!((o - t).abs() < 2e-5, "cell {j} z{k}: {o} vs scvi-tools {t}");
+        }
+    }
+}
+
+#[test]
+fn bn_loss_at_the_mean_matches_scvi_tools() {
+    let (_, s) = bn_model();
+    let (data, _) = prepared(&s);
+    let (rec, kl) = s.loss_at_mean(&data, 2).unwrap();
+    let (_, rows) = csv("surgery_bn/forward.csv");
+    assert_eq!(rows.len(), rec.len());
+    for (j, r) in rows.iter().enumerate() {
+        let (gr, gk): (f64, f64) = (r[1].parse().unwrap(), r[2].parse().unwrap());
+        assert!(
+            (rec[j] - gr).abs() < 2e-5 * gr.abs(),
+            "cell {j}: rec {} vs {gr}",
+            rec[j]
+        );
+        assert!(
+            (kl[j] - gk).abs() < 1e-4 * gk.abs().max(1.0),
+            "cell {j}: kl"
+        );
+    }
+}
+
+/// One minibatch's loss and gradients against torch's (eval mode, after the scArches hooks):
+/// the decoder's batch columns, and the decoder BatchNorm's weight and bias.
+#[test]
+fn bn_minibatch_gradients_match_torch() {
+    let (_, s) = bn_model();
+    let (data, _) = prepared(&s);
+    let cells: Vec<usize> = (0..64).collect();
+    let eps = bn_grad_eps();
+    let out = s.step(&data, &cells, &eps, &[vec![]], 0.3, true);
+    // encoder layer (no covariates), decoder layer, then the decoder BatchNorm's gamma, beta
+    assert_eq!(out.grads.len(), 4);
+    assert!(out.grads[0].is_empty());
+    let loss = (out.reconstruction_sum + 0.3 * out.kl_sum) / 64.0;
+    let text = std::fs::read_to_string(dir().join("surgery_bn/grad.txt")).unwrap();
+    let mut lines = text.lines();
+    let l0: f64 = lines
+        .next()
+        .unwrap()
+        .split('\t')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((loss - l0).abs() < 1e-5 * l0, "{loss} vs {l0}");
+    let mut checked = 0;
+    for l in lines {
+        let f: Vec<&str> = l.split('\t').collect();
+        let shape: Vec<usize> = f[1].split(',').map(|v| v.parse().unwrap()).collect();
+        let vals: Vec<f64> = f[2].split(',').map(|v| v.parse().unwrap()).collect();
+        let scale = vals.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let close = |ours: &[f32], theirs: &[f64], what: &str| {
+            assert_eq!(ours.len(), theirs.len(), "{what}");
+            for (i, (&r, &t)) in ours.iter().zip(theirs).enumerate() {
+                assert!(
+                    (r as f64 - t).abs() < 1e-4 * scale + 1e-6,
+                    "{what} [{i}]: {r} vs torch {t}"
+                );
+            }
+        };
+        match f[0] {
+            "z_encoder.encoder.fc_layers.Layer 0.0.weight"
+            | "z_encoder.encoder.fc_layers.Layer 0.0.bias"
+            | "decoder.px_decoder.fc_layers.Layer 0.0.bias" => {
+                // hooked: no covariate columns in the encoder, biases zeroed
+                assert!(vals.iter().all(|&v| v == 0.0), "{}", f[0]);
+            }
+            "decoder.px_decoder.fc_layers.Layer 0.0.weight" => {
+                let (n_out, n_all) = (shape[0], shape[1]);
+                let (n_cov, ours) = (4, &out.grads[1]);
+                let n_in = n_all - n_cov;
+                let mut theirs = vec![0.0; n_cov * n_out];
+                for o in 0..n_out {
+                    for i in 0..n_all {
+                        let t = vals[o * n_all + i];
+                        if i < n_in {
+                            assert_eq!(t, 0.0, "feature column {i} has a gradient");
+                        } else {
+                            theirs[(i - n_in) * n_out + o] = t;
+                        }
+                    }
+                }
+                close(ours, &theirs, f[0]);
+            }
+            "decoder.px_decoder.fc_layers.Layer 0.1.weight" => close(&out.grads[2], &vals, f[0]),
+            "decoder.px_decoder.fc_layers.Layer 0.1.bias" => close(&out.grads[3], &vals, f[0]),
+            other => panic!("unexpected gradient {other}"),
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
+}
+
+/// Directional finite differences of the loss along the decoder's batch columns and the
+/// BatchNorm weight and bias.
+#[test]
+fn bn_gradients_match_finite_differences() {
+    let (_, s) = bn_model();
+    let (data, _) = prepared(&s);
+    let cells: Vec<usize> = (0..64).collect();
+    let eps = bn_grad_eps();
+    let masks = [vec![]];
+    let out = s.step(&data, &cells, &eps, &masks, 0.7, true);
+    let loss = |m: &SurgeryModel| {
+        let o = m.step(&data, &cells, &eps, &masks, 0.7, false);
+        (o.reconstruction_sum + 0.7 * o.kl_sum) / 64.0
+    };
+    let h = 0.01f32;
+    // 1: decoder batch columns, 2: BN gamma, 3: BN beta
+    for k in 1..4 {
+        let g = &out.grads[k];
+        let norm = g.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let dirs: Vec<Vec<f32>> = vec![
+            g.iter().map(|v| v / norm).collect(),
+            (0..g.len())
+                .map(|i| ((i * 7919 % 13) as f32 - 6.0) / 6.0)
+                .collect(),
+        ];
+        for d in dirs {
+            let dn = d.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let d: Vec<f32> = d.iter().map(|v| v / dn).collect();
+            let shift = |m: &mut SurgeryModel, sign: f32| {
+                let p: &mut [f32] = match k {
+                    1 => m.covariate_weights_mut().swap_remove(1),
+                    2 => m.batch_norm_affine_mut().swap_remove(0).0,
+                    _ => m.batch_norm_affine_mut().swap_remove(0).1,
+                };
+                for (v, dv) in p.iter_mut().zip(&d) {
+                    *v += sign * h * dv;
+                }
+            };
+            let (mut p, mut q) = (s.clone(), s.clone());
+            shift(&mut p, 1.0);
+            shift(&mut q, -1.0);
+            let fd = (loss(&p) - loss(&q)) / (2.0 * h as f64);
+            let an: f64 = g.iter().zip(&d).map(|(a, b)| (a * b) as f64).sum();
+            assert!(
+                (an - fd).abs() < 0.01 + 0.03 * fd.abs(),
+                "parameter {k}: analytic {an} vs finite difference {fd}"
+            );
+        }
+    }
+}
+
+/// 60 epochs on scvi-tools' own split: the train and validation ELBO of the last 10 epochs
+/// within 1 % of scvi-tools'; the BatchNorm weight and bias train.
+#[test]
+fn bn_surgery_training_reaches_scvi_tools_elbo() {
+    let (_, mut s) = bn_model();
+    let (data, _) = prepared(&s);
+    let before = s.batch_norm_affine();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].0, "decoder.px_decoder.fc_layers.Layer 0.1");
+    let (_, hist) = csv("surgery_bn/history.csv");
+    let col = |k: usize| -> Vec<f64> { hist.iter().map(|r| r[k].parse().unwrap()).collect() };
+    let (elbo_t, elbo_v) = (col(1), col(2));
+    let opts = TrainOptions {
+        max_epochs: Some(hist.len()),
+        freeze_dropout: true,
+        split: Some(bn_split()),
+        seed: 3,
+        n_threads: 2,
+        ..Default::default()
+    };
+    let res = s.train(&data, &opts, &mut |_| {}, &|| false).unwrap();
+    assert_eq!(res.history.len(), hist.len());
+    let ours_v: Vec<f64> = res.history.iter().map(|e| e.elbo_validation).collect();
+    let ours_t: Vec<f64> = res.history.iter().map(|e| e.elbo_train).collect();
+    for (what, ours, theirs) in [
+        ("validation", &ours_v, &elbo_v),
+        ("train", &ours_t, &elbo_t),
+    ] {
+        let (a, b) = (mean_last(ours, 10), mean_last(theirs, 10));
+        eprintln!("{what} ELBO, last 10 epochs: scannot {a:.3}, scvi-tools {b:.3}");
+        assert!(
+            (a - b).abs() < 0.01 * b,
+            "{what} ELBO {a} vs scvi-tools {b}"
+        );
+    }
+    // the first epoch too (the decoder starts from the same weights)
+    assert!((ours_v[0] - elbo_v[0]).abs() < 0.01 * elbo_v[0]);
+    let after = s.batch_norm_affine();
+    assert_ne!(before[0].1, after[0].1);
+    assert_ne!(before[0].2, after[0].2);
 }
 
 /// Cells whose row indices are not sorted (a CSC the caller did not sort) are ordered in

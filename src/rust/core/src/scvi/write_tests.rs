@@ -329,3 +329,65 @@ fn mismatched_query_models_are_refused() {
         assert_eq!((ka, &ta.shape), (kb, &tb.shape));
     }
 }
+
+/// A batch-norm (default) reference: the saved query model has the layout scvi-tools' own
+/// query model has (`surgery_bn/init`), the trained decoder BatchNorm weight and bias, and the
+/// reference's running statistics and `num_batches_tracked` (scvi-tools trains in eval mode).
+#[test]
+fn batch_norm_query_model_keeps_the_trained_affine_and_the_running_stats() {
+    let reference = model("default");
+    let mut s = SurgeryModel::from_model(&reference, 2, 3).unwrap();
+    let (g, n, x, batch) = query();
+    let data = s
+        .prepare(
+            &crate::matrix::ExprMatrix::Dense(crate::matrix::DenseView::new(g, n, &x).unwrap()),
+            &batch,
+        )
+        .unwrap();
+    let opts = TrainOptions {
+        max_epochs: Some(2),
+        freeze_dropout: true,
+        n_threads: 1,
+        ..Default::default()
+    };
+    s.train(&data, &opts, &mut |_| {}, &|| false).unwrap();
+    let info = QueryInfo {
+        new_batch_levels: vec!["q_a".into(), "q_b".into()],
+        n_obs: 300,
+        ..Default::default()
+    };
+    let q = query_model_file(&reference, &s, &info).unwrap();
+    let back = parse_scvi_model(&scvi_model_bytes(&q).unwrap()).unwrap();
+    let shapes = |m: &ScviModelFile| -> Vec<(String, Vec<usize>)> {
+        m.state_dict
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape.clone()))
+            .collect()
+    };
+    assert_eq!(shapes(&back), shapes(&model("surgery_bn/init")));
+    let bn = s.batch_norm_affine();
+    assert_eq!(bn.len(), 1);
+    let (base, gamma, beta) = &bn[0];
+    let get = |k: &str| back.tensor(k).unwrap().to_f32().unwrap();
+    assert_eq!(&get(&format!("{base}.weight")), gamma);
+    assert_eq!(&get(&format!("{base}.bias")), beta);
+    assert_ne!(
+        get(&format!("{base}.weight")),
+        reference
+            .tensor(&format!("{base}.weight"))
+            .unwrap()
+            .to_f32()
+            .unwrap()
+    );
+    for k in ["running_mean", "running_var", "num_batches_tracked"] {
+        for b in [base.as_str(), "z_encoder.encoder.fc_layers.Layer 0.1"] {
+            let key = format!("{b}.{k}");
+            assert_eq!(back.tensor(&key), reference.tensor(&key), "{key}");
+        }
+    }
+    // the encoder BatchNorm is frozen
+    for k in ["weight", "bias"] {
+        let key = format!("z_encoder.encoder.fc_layers.Layer 0.1.{k}");
+        assert_eq!(back.tensor(&key), reference.tensor(&key), "{key}");
+    }
+}
