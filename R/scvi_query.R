@@ -5,7 +5,8 @@
 #' followed by `model.train()` does, then returns the query's latent representation. Only
 #' what scArches trains is updated: the one-hot batch columns of the encoder and decoder
 #' layers (new batches are appended after the reference's, sorted, and initialised like
-#' torch's `Linear`); every other weight stays frozen. Training is Rust code (hand-written
+#' torch's `Linear`) and the decoder's batch-norm weight and bias, if any; every other
+#' weight stays frozen. Training is Rust code (hand-written
 #' backward pass, torch's Adam with `lr = 1e-3`, `eps = 0.01`, `weight_decay = 1e-6`,
 #' minibatches of 128, 90/10 train/validation split, KL warm-up over 400 epochs).
 #'
@@ -13,10 +14,15 @@
 #' come from a seeded generator of scannot, not torch's: results agree with scvi-tools in
 #' distribution (validation ELBO within 1 %, same latent geometry), not bit for bit.
 #'
-#' Supported models: scArches settings (`use_batch_norm = "none"`, typically
-#' `use_layer_norm = "both"`, `encode_covariates = TRUE`), gene dispersion, ZINB or NB
-#' likelihood, observed library size, one-hot batch, no extra covariates. Others give a
-#' `scannot_error_input`. Press Ctrl-C / Esc to stop training early: the latent of the
+#' Supported models: scArches settings (`use_batch_norm = "none"`, `use_layer_norm = "both"`,
+#' `encode_covariates = TRUE`) and scvi-tools' defaults (batch norm in encoder and decoder)
+#' or any other batch / layer norm choice, gene dispersion, ZINB or NB likelihood, observed
+#' library size, one-hot batch, no extra covariates. Others give a `scannot_error_input`.
+#' As in scvi-tools 1.4.2 (whose query module stays in eval mode during `train()`), batch
+#' norm uses the reference's running statistics throughout; the decoder's batch-norm weight
+#' and bias train (`freeze_batchnorm_decoder = FALSE`), the encoder's are frozen. Without
+#' `encode_covariates` the encoder does not train, so the query latent is the reference
+#' encoder's. Press Ctrl-C / Esc to stop training early: the latent of the
 #' model trained so far is returned with a warning.
 #'
 #' @param object A Seurat object, a SingleCellExperiment, or a genes x cells `dgCMatrix` /
@@ -32,8 +38,10 @@
 #' @param early_stopping Stop when the validation ELBO has not improved for
 #'   `early_stopping_patience` epochs (scvi-tools' default patience 45).
 #' @param early_stopping_patience See `early_stopping`.
-#' @param freeze_dropout `TRUE` (scArches' recommendation): no encoder dropout during
-#'   query training. `FALSE` is scvi-tools' `load_query_data` default.
+#' @param freeze_dropout `load_query_data()`'s argument, kept for parity. It changes
+#'   nothing: scvi-tools 1.4.2 trains the loaded query module in eval mode (lightning 2.2 or
+#'   newer keeps the mode `load_query_data()` leaves), so there is no dropout either way,
+#'   and neither is there here.
 #' @param batch_size,train_size,lr,weight_decay,n_epochs_kl_warmup Training settings
 #'   (scvi-tools' defaults).
 #' @param seed Seed of the split, shuffling, noise and new-column initialisation.

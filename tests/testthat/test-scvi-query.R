@@ -119,9 +119,12 @@ test_that("early stopping and unsupported models", {
                       lr = 0.5, n_threads = 1, progress = FALSE)
   expect_true(r$stopped_early)
   expect_lt(nrow(r$history), 400)
-  # batch-norm models (default SCVI) are not supported yet
-  expect_error(scvi_map_query(x, file.path(sq_dir, "default"), batch_key = "sample",
-                              obs = sq_obs(x), max_epochs = 1, progress = FALSE),
+  # extra covariates are not supported (batch-norm models are: test-scvi-query-bn.R)
+  obs_cov <- sq_obs(x)
+  obs_cov[c("cond", "score")] <- utils::read.csv(file.path(sq_dir, "obs.csv"),
+                                                 row.names = 1)[colnames(x), c("cond", "score")]
+  expect_error(scvi_map_query(x, file.path(sq_dir, "covs"), batch_key = "sample",
+                              obs = obs_cov, max_epochs = 1, progress = FALSE),
                class = "scannot_error_input")
   expect_error(scvi_map_query(x, file.path(sq_dir, "scarches"), batch_key = "sample",
                               obs = sq_obs(x), max_epochs = 0, progress = FALSE),

@@ -16,7 +16,8 @@
 //! runs in eval mode (verified with forward hooks: every BatchNorm1d and Dropout forward has
 //! `training = False`, and the decoder BatchNorm running statistics and `num_batches_tracked`
 //! are unchanged after training). BatchNorm therefore normalises with its running statistics
-//! (an affine map per feature), in training and validation alike.
+//! (an affine map per feature), in training and validation alike, and dropout is off
+//! whatever `freeze_dropout` says.
 //!
 //! Loss per minibatch: `mean_cells[-log p(x | z, l) + kl_weight KL(q(z|x) || N(0, I))]`,
 //! `z = qz_m + sqrt(qz_v) eps`, `kl_weight = epoch / 400` during warm-up. Optimiser: torch Adam
@@ -477,7 +478,8 @@ pub struct TrainOptions {
     /// compute the validation ELBO every epoch (always on with early stopping)
     pub validate: bool,
     pub seed: u64,
-    /// `freeze_dropout = TRUE` of load_query_data: no encoder dropout in training
+    /// `freeze_dropout` of load_query_data. No effect, as in scvi-tools 1.4.2: the query
+    /// module trains in eval mode (see the module notes), so dropout is off either way.
     pub freeze_dropout: bool,
     /// an explicit (train, validation) split of the cells instead of the seeded one
     pub split: Option<(Vec<usize>, Vec<usize>)>,
@@ -601,7 +603,6 @@ pub struct SurgeryModel {
     disp: Dispersion,
     ln_enc: bool,
     ln_dec: bool,
-    dropout: f32,
 }
 
 impl SurgeryModel {
@@ -762,7 +763,6 @@ impl SurgeryModel {
             disp: Dispersion::with_bias(&px_r, b_scale, b_pi),
             ln_enc,
             ln_dec,
-            dropout: p.dropout_rate as f32,
         })
     }
 
@@ -1361,11 +1361,8 @@ impl SurgeryModel {
         let mut adam_v = adam_m.clone();
         let mut t_step = 0i32;
         let (b1, b2) = (0.9f64, 0.999f64);
-        let p_drop = if opts.freeze_dropout {
-            0.0
-        } else {
-            self.dropout
-        };
+        // no dropout, whatever `freeze_dropout`: scvi-tools trains the query in eval mode
+        let no_masks: Vec<Vec<f32>> = vec![Vec::new(); self.enc.len()];
         let mut history = Vec::new();
         let (mut best, mut wait) = (f64::INFINITY, 0usize);
         let mut stopped_early = false;
@@ -1383,27 +1380,7 @@ impl SurgeryModel {
                 let eps: Vec<f32> = (0..mb.len() * nl)
                     .map(|_| StandardNormal.sample(&mut rng))
                     .collect();
-                let masks: Vec<Vec<f32>> = self
-                    .enc
-                    .iter()
-                    .map(|l| {
-                        if p_drop > 0.0 {
-                            let keep = 1.0 / (1.0 - p_drop);
-                            (0..mb.len() * l.n_out)
-                                .map(|_| {
-                                    if rng.random::<f32>() < p_drop {
-                                        0.0
-                                    } else {
-                                        keep
-                                    }
-                                })
-                                .collect()
-                        } else {
-                            Vec::new()
-                        }
-                    })
-                    .collect();
-                let out = pool.install(|| self.step(data, mb, &eps, &masks, klw, true));
+                let out = pool.install(|| self.step(data, mb, &eps, &no_masks, klw, true));
                 rec_t += out.reconstruction_sum;
                 kl_t += out.kl_sum;
                 // Adam (torch): L2 weight decay added to the gradient
@@ -1441,7 +1418,6 @@ impl SurgeryModel {
             };
             if (opts.validate || opts.early_stopping) && !val_idx.is_empty() {
                 let (mut rv, mut kv) = (0.0, 0.0);
-                let no_masks: Vec<Vec<f32>> = vec![Vec::new(); self.enc.len()];
                 for mb in val_idx.chunks(opts.batch_size) {
                     let eps: Vec<f32> = (0..mb.len() * nl)
                         .map(|_| StandardNormal.sample(&mut rng))
