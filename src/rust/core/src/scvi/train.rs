@@ -357,15 +357,14 @@ fn lane_dot(a: &[f32], b: Option<&[f32]>, shift: f32) -> f32 {
     acc.iter().sum()
 }
 
-/// LayerNorm (optional), ReLU, dropout (optional) in place on `rows x n` pre-activations.
-/// Keeps what the backward pass needs: the normalised values in `y`, `1/sd` per row, and
-/// the dropout mask (scaled, 0 or 1/(1-p)) in `mask`.
-fn activate(pre: &mut [f32], n: usize, ln: bool, y: &mut [f32], inv_sd: &mut [f32], mask: &[f32]) {
+/// LayerNorm (optional) and ReLU in place on `rows x n` pre-activations (no dropout: the
+/// query trains in eval mode). Keeps what the backward pass needs: the normalised values in
+/// `y` and `1/sd` per row.
+fn activate(pre: &mut [f32], n: usize, ln: bool, y: &mut [f32], inv_sd: &mut [f32]) {
     pre.par_chunks_mut(n)
         .zip(y.par_chunks_mut(n))
         .zip(inv_sd.par_iter_mut())
-        .enumerate()
-        .for_each(|(r, ((p, yy), isd))| {
+        .for_each(|((p, yy), isd)| {
             if ln {
                 let nf = n as f32;
                 let mu = lane_dot(p, None, 0.0) / nf;
@@ -384,27 +383,16 @@ fn activate(pre: &mut [f32], n: usize, ln: bool, y: &mut [f32], inv_sd: &mut [f3
             for v in p.iter_mut() {
                 *v = v.max(0.0);
             }
-            if !mask.is_empty() {
-                for (v, m) in p.iter_mut().zip(&mask[r * n..(r + 1) * n]) {
-                    *v *= m;
-                }
-            }
         });
 }
 
-/// Back through dropout, ReLU and LayerNorm: `d` holds the gradient w.r.t. the layer output
-/// on entry and w.r.t. the pre-activation on return.
-fn deactivate(d: &mut [f32], n: usize, ln: bool, y: &[f32], inv_sd: &[f32], mask: &[f32]) {
+/// Back through ReLU and LayerNorm: `d` holds the gradient w.r.t. the layer output on entry
+/// and w.r.t. the pre-activation on return.
+fn deactivate(d: &mut [f32], n: usize, ln: bool, y: &[f32], inv_sd: &[f32]) {
     d.par_chunks_mut(n)
         .zip(y.par_chunks(n))
         .zip(inv_sd.par_iter())
-        .enumerate()
-        .for_each(|(r, ((dd, yy), &isd))| {
-            if !mask.is_empty() {
-                for (v, m) in dd.iter_mut().zip(&mask[r * n..(r + 1) * n]) {
-                    *v *= m;
-                }
-            }
+        .for_each(|((dd, yy), &isd)| {
             for (v, &yv) in dd.iter_mut().zip(yy) {
                 if yv <= 0.0 {
                     *v = 0.0;
@@ -1006,9 +994,9 @@ impl SurgeryModel {
         })
     }
 
-    /// Encoder forward for `cells`: per-layer (pre-activation normalised `y`, 1/sd, mask) and
+    /// Encoder forward for `cells`: per-layer (pre-activation normalised `y`, 1/sd) and
     /// the final hidden layer, then mean and variance.
-    fn encode(&self, data: &QueryData, cells: &[usize], masks: &[Vec<f32>], st: &mut State) {
+    fn encode(&self, data: &QueryData, cells: &[usize], st: &mut State) {
         let bsz = cells.len();
         let codes: Vec<u32> = cells.iter().map(|&j| data.batch[j]).collect();
         st.codes = codes;
@@ -1074,7 +1062,7 @@ impl SurgeryModel {
             st.enc_bn.push(xhat);
             let mut y = vec![0.0f32; bsz * n];
             let mut isd = vec![1.0f32; bsz];
-            activate(&mut pre, n, self.ln_enc, &mut y, &mut isd, &masks[li]);
+            activate(&mut pre, n, self.ln_enc, &mut y, &mut isd);
             st.enc_y.push(y);
             st.enc_isd.push(isd);
             st.enc_out.push(pre);
@@ -1089,20 +1077,19 @@ impl SurgeryModel {
     }
 
     /// Forward (and backward when `grad`) of one minibatch. `eps` is `cells x n_latent`
-    /// (z = mu + sqrt(v) eps); `masks` the encoder dropout masks per layer (empty: none).
+    /// (z = mu + sqrt(v) eps).
     pub(crate) fn step(
         &self,
         data: &QueryData,
         cells: &[usize],
         eps: &[f32],
-        masks: &[Vec<f32>],
         kl_weight: f64,
         grad: bool,
     ) -> StepOutput {
         let bsz = cells.len();
         let nl = self.n_latent;
         let mut st = State::default();
-        self.encode(data, cells, masks, &mut st);
+        self.encode(data, cells, &mut st);
         let z: Vec<f32> = (0..bsz * nl)
             .map(|i| st.mu[i] + st.v[i].sqrt() * eps[i])
             .collect();
@@ -1132,7 +1119,7 @@ impl SurgeryModel {
             dec_bn.push(xhat);
             let mut y = vec![0.0f32; bsz * l.n_out];
             let mut isd = vec![1.0f32; bsz];
-            activate(&mut pre, l.n_out, self.ln_dec, &mut y, &mut isd, &[]);
+            activate(&mut pre, l.n_out, self.ln_dec, &mut y, &mut isd);
             dec_y.push(y);
             dec_isd.push(isd);
             dec_inputs.push(std::mem::replace(&mut dec_in, pre));
@@ -1194,7 +1181,7 @@ impl SurgeryModel {
             let mut bn_grads = Vec::new();
             let mut d = dh;
             for (li, l) in self.dec.iter().enumerate().rev() {
-                deactivate(&mut d, l.n_out, self.ln_dec, &dec_y[li], &dec_isd[li], &[]);
+                deactivate(&mut d, l.n_out, self.ln_dec, &dec_y[li], &dec_isd[li]);
                 if let Some(bn) = &l.bn {
                     if let Some((dg, db)) = bn.backward(&mut d, &dec_bn[li]) {
                         bn_grads.push(db);
@@ -1224,15 +1211,7 @@ impl SurgeryModel {
             self.var.backward_input(&du, bsz, &mut d, 1.0);
             let mut enc_grads = Vec::new();
             for (li, l) in self.enc.iter().enumerate().rev() {
-                let mask = masks.get(li).map_or(&[][..], |m| &m[..]);
-                deactivate(
-                    &mut d,
-                    l.n_out,
-                    self.ln_enc,
-                    &st.enc_y[li],
-                    &st.enc_isd[li],
-                    mask,
-                );
+                deactivate(&mut d, l.n_out, self.ln_enc, &st.enc_y[li], &st.enc_isd[li]);
                 if let Some(bn) = &l.bn {
                     if let Some((dg, db)) = bn.backward(&mut d, &st.enc_bn[li]) {
                         bn_grads.push(db);
@@ -1268,14 +1247,13 @@ impl SurgeryModel {
     pub fn latent(&self, data: &QueryData, n_threads: usize) -> ScResult<LatentOutput> {
         let n = data.n_cells;
         let nl = self.n_latent;
-        let no_masks: Vec<Vec<f32>> = vec![Vec::new(); self.enc.len()];
         let mut mean = vec![0.0; n * nl];
         let mut var = vec![0.0; n * nl];
         crate::threads::with_threads(n_threads.max(1), || {
             let cells: Vec<usize> = (0..n).collect();
             for blk in cells.chunks(1024) {
                 let mut st = State::default();
-                self.encode(data, blk, &no_masks, &mut st);
+                self.encode(data, blk, &mut st);
                 for (r, &j) in blk.iter().enumerate() {
                     for k in 0..nl {
                         mean[k * n + j] = st.mu[r * nl + k] as f64;
@@ -1299,14 +1277,13 @@ impl SurgeryModel {
         n_threads: usize,
     ) -> ScResult<(Vec<f64>, Vec<f64>)> {
         let n = data.n_cells;
-        let no_masks: Vec<Vec<f32>> = vec![Vec::new(); self.enc.len()];
         crate::threads::with_threads(n_threads.max(1), || {
             let cells: Vec<usize> = (0..n).collect();
             let mut rec = Vec::with_capacity(n);
             let mut kl = Vec::with_capacity(n);
             for blk in cells.chunks(256) {
                 let eps = vec![0.0f32; blk.len() * self.n_latent];
-                let o = self.step(data, blk, &eps, &no_masks, 1.0, false);
+                let o = self.step(data, blk, &eps, 1.0, false);
                 rec.extend(o.reconstruction);
                 kl.extend(o.kl);
             }
@@ -1362,7 +1339,7 @@ impl SurgeryModel {
         let mut t_step = 0i32;
         let (b1, b2) = (0.9f64, 0.999f64);
         // no dropout, whatever `freeze_dropout`: scvi-tools trains the query in eval mode
-        let no_masks: Vec<Vec<f32>> = vec![Vec::new(); self.enc.len()];
+        // (`step` has none)
         let mut history = Vec::new();
         let (mut best, mut wait) = (f64::INFINITY, 0usize);
         let mut stopped_early = false;
@@ -1380,7 +1357,7 @@ impl SurgeryModel {
                 let eps: Vec<f32> = (0..mb.len() * nl)
                     .map(|_| StandardNormal.sample(&mut rng))
                     .collect();
-                let out = pool.install(|| self.step(data, mb, &eps, &no_masks, klw, true));
+                let out = pool.install(|| self.step(data, mb, &eps, klw, true));
                 rec_t += out.reconstruction_sum;
                 kl_t += out.kl_sum;
                 // Adam (torch): L2 weight decay added to the gradient
@@ -1422,7 +1399,7 @@ impl SurgeryModel {
                     let eps: Vec<f32> = (0..mb.len() * nl)
                         .map(|_| StandardNormal.sample(&mut rng))
                         .collect();
-                    let out = pool.install(|| self.step(data, mb, &eps, &no_masks, klw, false));
+                    let out = pool.install(|| self.step(data, mb, &eps, klw, false));
                     rv += out.reconstruction_sum;
                     kv += out.kl_sum;
                 }

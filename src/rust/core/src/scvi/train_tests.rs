@@ -120,7 +120,7 @@ fn minibatch_gradients_match_torch_after_the_scarches_hooks() {
     let (data, _) = prepared(&s);
     let cells: Vec<usize> = (0..64).collect();
     let eps = grad_eps();
-    let out = s.step(&data, &cells, &eps, &[vec![], vec![]], 0.3, true);
+    let out = s.step(&data, &cells, &eps, 0.3, true);
     let loss = (out.reconstruction_sum + 0.3 * out.kl_sum) / 64.0;
     let text = std::fs::read_to_string(dir().join("surgery/grad.txt")).unwrap();
     let mut lines = text.lines();
@@ -185,10 +185,9 @@ fn gradients_match_finite_differences() {
     let (data, _) = prepared(&s);
     let cells: Vec<usize> = (0..64).collect();
     let eps = grad_eps();
-    let masks = [vec![], vec![]];
-    let out = s.step(&data, &cells, &eps, &masks, 0.7, true);
+    let out = s.step(&data, &cells, &eps, 0.7, true);
     let loss = |m: &SurgeryModel| {
-        let o = m.step(&data, &cells, &eps, &masks, 0.7, false);
+        let o = m.step(&data, &cells, &eps, 0.7, false);
         (o.reconstruction_sum + 0.7 * o.kl_sum) / 64.0
     };
     // directional derivatives (the f32 loss is too noisy for single entries): along the
@@ -443,7 +442,7 @@ fn bn_minibatch_gradients_match_torch() {
     let (data, _) = prepared(&s);
     let cells: Vec<usize> = (0..64).collect();
     let eps = bn_grad_eps();
-    let out = s.step(&data, &cells, &eps, &[vec![]], 0.3, true);
+    let out = s.step(&data, &cells, &eps, 0.3, true);
     // encoder layer (no covariates), decoder layer, then the decoder BatchNorm's gamma, beta
     assert_eq!(out.grads.len(), 4);
     assert!(out.grads[0].is_empty());
@@ -515,10 +514,9 @@ fn bn_gradients_match_finite_differences() {
     let (data, _) = prepared(&s);
     let cells: Vec<usize> = (0..64).collect();
     let eps = bn_grad_eps();
-    let masks = [vec![]];
-    let out = s.step(&data, &cells, &eps, &masks, 0.7, true);
+    let out = s.step(&data, &cells, &eps, 0.7, true);
     let loss = |m: &SurgeryModel| {
-        let o = m.step(&data, &cells, &eps, &masks, 0.7, false);
+        let o = m.step(&data, &cells, &eps, 0.7, false);
         (o.reconstruction_sum + 0.7 * o.kl_sum) / 64.0
     };
     let h = 0.01f32;
