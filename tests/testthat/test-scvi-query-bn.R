@@ -43,3 +43,19 @@ test_that("batch-norm query training reaches scvi-tools' ELBO; the latent is scv
   expect_lt(max(abs(z - r$latent)), 1e-5)
   unlink(save_dir, recursive = TRUE)
 })
+
+test_that("scvi-tools loads the batch-norm query model scannot saved and gets its latent", {
+  # r_query_bn/model.pt: scvi_map_query(save_dir =) on the `default` reference
+  # (tools/fixtures/scvi/write_r_query_model.R ... default r_query_bn); latent_py.csv:
+  # scvi-tools 1.4.2 SCVI.load(r_query_bn, adata = query).get_latent_representation()
+  # (check_r_query_model.py ... r_query_bn), which also trains it on and maps a further query
+  x <- bn_counts()
+  m <- load_scvi_model(file.path(bn_dir, "r_query_bn"))
+  expect_identical(m$batch_levels, c("b0", "b1", "q_a", "q_b"))
+  expect_identical(m$use_batch_norm, "both")
+  z <- scvi_latent(x, m, batch_key = bn_obs(x)$sample, verbose = FALSE)
+  gold <- as.matrix(utils::read.csv(file.path(bn_dir, "r_query_bn", "latent_py.csv"),
+                                    row.names = 1))
+  expect_identical(dim(z), dim(gold))
+  expect_lt(max(abs(unname(z) - unname(gold))), 1e-5)
+})
