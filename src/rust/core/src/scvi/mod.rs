@@ -4,6 +4,8 @@
 //! likelihood in [`loss`]); and saving a model (the scArches query model) as scvi-tools'
 //! `model.pt` ([`model_write`]).
 
+#[cfg(all(target_arch = "x86_64", scannot_avx512))]
+mod heads_avx512;
 pub mod loss;
 pub(crate) mod loss_avx2;
 #[cfg(all(target_arch = "x86_64", scannot_avx512))]

@@ -587,6 +587,9 @@ pub struct SurgeryModel {
     dec: Vec<Layer>,
     /// the px_scale head then (ZINB) the px_dropout head: `n_heads * G x H`
     heads_w: Vec<f32>,
+    /// the same packed for the AVX-512 head kernel ([`super::heads_avx512`]); empty where
+    /// that kernel is not used
+    heads_packed: Vec<f32>,
     zinb: bool,
     disp: Dispersion,
     ln_enc: bool,
@@ -737,6 +740,14 @@ impl SurgeryModel {
             )));
         }
         let (b_scale, b_pi) = heads_b.split_at(g);
+        #[allow(unused_mut)]
+        let mut heads_packed = Vec::new();
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        {
+            if super::simd::avx512() {
+                heads_packed = super::heads_avx512::pack(&heads_w, heads_w.len() / h, h);
+            }
+        }
         Ok(SurgeryModel {
             n_genes: g,
             n_latent: nl,
@@ -747,11 +758,54 @@ impl SurgeryModel {
             var,
             dec,
             heads_w,
+            heads_packed,
             zinb,
             disp: Dispersion::with_bias(&px_r, b_scale, b_pi),
             ln_enc,
             ln_dec,
         })
+    }
+
+    /// The heads' logits without their biases: `logits (rows x width) = h (rows x H) W^T`.
+    fn head_logits(&self, h: &[f32], rows: usize, hd: usize, logits: &mut [f32]) {
+        let width = self.heads_w.len() / hd.max(1);
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        {
+            if !self.heads_packed.is_empty() {
+                // SAFETY: packed only where the CPU has AVX-512 (see `from_model`).
+                unsafe {
+                    super::heads_avx512::forward(h, rows, hd, &self.heads_packed, width, logits)
+                };
+                return;
+            }
+        }
+        matmul(
+            MatMut::from_row_major_slice_mut(logits, rows, width),
+            Accum::Replace,
+            MatRef::from_row_major_slice(h, rows, hd),
+            MatRef::from_row_major_slice(&self.heads_w, width, hd).transpose(),
+            1.0f32,
+            Par::Seq,
+        );
+    }
+
+    /// [`Self::head_logits`] by faer (the portable path), for tests.
+    #[cfg(test)]
+    pub(crate) fn head_logits_both(&self, h: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
+        let hd = self.dec.last().map_or(self.n_latent, |l| l.n_out);
+        let width = self.heads_w.len() / hd;
+        let mut fast = vec![f32::NAN; rows * width];
+        self.head_logits(h, rows, hd, &mut fast);
+        let mut plain = vec![f32::NAN; rows * width];
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut plain, rows, width),
+            Accum::Replace,
+            MatRef::from_row_major_slice(h, rows, hd),
+            MatRef::from_row_major_slice(&self.heads_w, width, hd).transpose(),
+            1.0f32,
+            Par::Seq,
+        );
+        (fast, plain)
     }
 
     pub fn n_genes(&self) -> usize {
@@ -1148,14 +1202,7 @@ impl SurgeryModel {
                     let logits = &mut logits[..rows * width];
                     // the heads' biases are added by the loss (`self.disp`)
                     let wv = MatRef::from_row_major_slice(&self.heads_w, width, hd);
-                    matmul(
-                        MatMut::from_row_major_slice_mut(logits, rows, width),
-                        Accum::Replace,
-                        MatRef::from_row_major_slice(hc, rows, hd),
-                        wv.transpose(),
-                        1.0f32,
-                        Par::Seq,
-                    );
+                    self.head_logits(hc, rows, hd, logits);
                     for ((row, r), &j) in logits.chunks_mut(width).zip(rc.iter_mut()).zip(cc) {
                         let (a, pi) = row.split_at_mut(g);
                         let pi = if self.zinb { Some(pi) } else { None };

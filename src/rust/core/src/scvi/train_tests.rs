@@ -632,3 +632,26 @@ fn unsorted_csc_columns_give_the_sorted_result() {
         assert!((a - b).abs() <= 1e-9 * a.abs().max(1.0), "{a} vs {b}");
     }
 }
+
+/// The heads' logits of the AVX-512 kernel (where the CPU has it; else both are faer's) equal
+/// a plain GEMM's, for row counts that leave partial register tiles (and, in the batch-norm
+/// model, 2 x 100 outputs: a partial 32-output block).
+#[test]
+fn head_logits_equal_a_plain_gemm() {
+    for (_, s) in [init_model(), bn_model()] {
+        let hd = 16;
+        for rows in [1usize, 5, 6, 7, 13, 64] {
+            let h: Vec<f32> = (0..rows * hd)
+                .map(|i| ((i * 7919 % 97) as f32 - 48.0) / 25.0)
+                .collect();
+            let (fast, plain) = s.head_logits_both(&h, rows);
+            assert_eq!(fast.len(), plain.len());
+            for (a, b) in fast.iter().zip(&plain) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "rows {rows}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
