@@ -589,6 +589,7 @@ pub struct SurgeryModel {
     heads_w: Vec<f32>,
     /// the same packed for the AVX-512 head kernel ([`super::heads_avx512`]); empty where
     /// that kernel is not used
+    #[cfg_attr(not(all(target_arch = "x86_64", scannot_avx512)), allow(dead_code))]
     heads_packed: Vec<f32>,
     zinb: bool,
     disp: Dispersion,
