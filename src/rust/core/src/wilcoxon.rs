@@ -1026,11 +1026,13 @@ fn sort_gene<const PRESTO: bool, const SLOT: bool>(
         insertion_sort(&mut sc.packed);
         return shift;
     }
-    // digits of about log2(n) - 1 bits keep the histograms small next to the gene; the
-    // window (2 or 3 digits) is wide enough that chance collisions stay rare
+    // digits of about log2(n) - 2 bits keep the histograms small next to the gene (their
+    // clearing and prefix sums cost as much as a pass over a quarter of the values); the
+    // window (2 or 3 digits) is wide enough that chance collisions stay rare, and the
+    // runs they leave are short and put in order by the walks
     let w = (usize::BITS - n.leading_zeros())
-        .saturating_sub(1)
-        .clamp(6, 11);
+        .saturating_sub(2)
+        .clamp(6, 10);
     if n < 65536 {
         radix::<PRESTO, SLOT, 2>(n, lo, bits, w, codes, sb, sc)
     } else {
