@@ -120,6 +120,39 @@ fn cpu_s() -> f64 {
     (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
 }
 
+/// A 64-bit FNV-1a digest of every field of a result, bit for bit (old vs new builds
+/// compare it to check that a change keeps every statistic identical).
+fn digest(r: &scannot_core::wilcoxon::WilcoxonResult) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |w: u64| {
+        for b in w.to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(r.n_genes as u64);
+    r.tested
+        .iter()
+        .chain(&r.group)
+        .chain(&r.gene)
+        .for_each(|&v| eat(v as u64));
+    r.n_in.iter().chain(&r.n_out).for_each(|&v| eat(v));
+    for v in [
+        &r.score,
+        &r.logfc,
+        &r.pval,
+        &r.padj,
+        &r.pts,
+        &r.pts_rest,
+        &r.auc,
+        &r.u,
+        &r.mean_in,
+        &r.mean_out,
+    ] {
+        v.iter().for_each(|x| eat(x.to_bits()));
+    }
+    h
+}
+
 /// Reset the peak RSS (Linux >= 4.0), so VmHWM afterwards is the peak of what follows.
 fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
@@ -199,6 +232,7 @@ fn main() {
             let mut best = f64::INFINITY;
             let mut best_cpu = f64::INFINITY;
             let mut rows = 0;
+            let mut dig = 0;
             let mut extra = f64::NAN;
             for _ in 0..reps {
                 let before = status_mb("VmRSS:").unwrap_or(f64::NAN);
@@ -211,12 +245,13 @@ fn main() {
                 best = best.min(t.elapsed().as_secs_f64());
                 best_cpu = best_cpu.min(cpu_s() - c0);
                 rows = r.score.len();
+                dig = digest(&r);
                 if reset {
                     extra = extra.max(status_mb("VmHWM:").unwrap_or(f64::NAN) - before);
                 }
             }
             println!(
-                "{threads} thread(s)  {name:<26} {best:>7.3} s  (CPU {best_cpu:.2} s; {rows} rows, peak extra memory {extra:.0} MB)"
+                "{threads} thread(s)  {name:<26} {best:>7.3} s  (CPU {best_cpu:.2} s; {rows} rows, peak extra memory {extra:.0} MB; digest {dig:016x})"
             );
         }
     }

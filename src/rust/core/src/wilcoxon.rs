@@ -665,6 +665,7 @@ fn lower_bound_near(v: &[i32], x: i32, guess: usize) -> usize {
 /// One scatter pass over the cells, each from its cursor: afterwards gene `r` (relative
 /// to g0) holds `vals[counts[r]..fill[r]]` / `codes[...]`, its non-zero values in
 /// compared cells. Space per gene comes from the stored-value counts.
+#[inline(never)]
 fn extract_csc(c: &CscView, g0: usize, g1: usize, row_nnz: &[u64], st: &Setup, sc: &mut Scratch) {
     let nr = g1 - g0;
     let (p, ii, x) = (c.p(), c.i(), c.x());
@@ -863,6 +864,7 @@ fn gene_kernel(
     sc.sum.iter().any(|s| s.is_nan()) && vals.iter().any(|v| v.is_nan())
 }
 
+#[inline(never)]
 fn gene_kernel_t<const PRESTO: bool>(
     vals: &[f64],
     codes: &[u16],
@@ -992,6 +994,7 @@ fn raw_parts<const PRESTO: bool>(p: u64, q: usize) -> (u64, u64) {
 /// window `entry >> (sb + shift)`. Then the walks read slots and compare keys without
 /// going back to `vals`/`codes`, and a run of equal windows is put in order by sorting
 /// the entries themselves.
+#[inline(never)]
 fn sort_gene<const PRESTO: bool, const SLOT: bool>(
     n: usize,
     lo: u64,
@@ -1023,11 +1026,13 @@ fn sort_gene<const PRESTO: bool, const SLOT: bool>(
         insertion_sort(&mut sc.packed);
         return shift;
     }
-    // digits of about log2(n) - 1 bits keep the histograms small next to the gene; the
-    // window (2 or 3 digits) is wide enough that chance collisions stay rare
+    // digits of about log2(n) - 2 bits keep the histograms small next to the gene (their
+    // clearing and prefix sums cost as much as a pass over a quarter of the values); the
+    // window (2 or 3 digits) is wide enough that chance collisions stay rare, and the
+    // runs they leave are short and put in order by the walks
     let w = (usize::BITS - n.leading_zeros())
-        .saturating_sub(1)
-        .clamp(6, 11);
+        .saturating_sub(2)
+        .clamp(6, 10);
     if n < 65536 {
         radix::<PRESTO, SLOT, 2>(n, lo, bits, w, codes, sb, sc)
     } else {
@@ -1213,6 +1218,7 @@ fn insertion_sort(v: &mut [u64]) {
 /// One-vs-rest walk: every compared cell is in some slot; mid-ranks over all of them
 /// accumulate per slot (scanpy: doubled, in `acc2`; presto: in `accf`). Returns the tie
 /// term `sum(t^3 - t)` (presto: without the largest value's block).
+#[inline(never)]
 fn walk_rest<const PRESTO: bool, const SLOT: bool>(
     vals: &[f64],
     codes: &[u16],
@@ -1236,8 +1242,18 @@ fn walk_rest<const PRESTO: bool, const SLOT: bool>(
     let mut tie: u128 = 0;
     let mut last_term: u128 = 0;
     let mut fixed = 0;
+    // scanpy in the slot layout: the branch-free walk, unless a window run needs fixing
+    let done = SLOT && !PRESTO;
+    if done {
+        // room for any slot bit pattern (the passes index without bounds checks)
+        acc2.resize(ns.max(1 << sb), 0);
+        tie = walk_rest_slot_scanpy(&mut packed, shift, sb, n_neg, n_zero, acc2);
+    }
     // negatives sit below the zeros, positives above them
     for (start, end, off) in [(0, n_neg, 0), (n_neg, n_r, n_zero)] {
+        if done {
+            break;
+        }
         let mut a = start;
         while a < end {
             let p = packed[a];
@@ -1302,6 +1318,92 @@ fn walk_rest<const PRESTO: bool, const SLOT: bool>(
     }
     sc.packed = packed;
     Tie::Gene(tie as f64)
+}
+
+/// [`walk_rest`] for scanpy in the slot layout, without a branch per value: the runs of
+/// equal windows that hold several keys are put in key order first ([`fix_windows`]),
+/// then a forward pass adds each value's block start `a` (plus `1 + 2 * offset`) to its
+/// slot, a backward pass its block end `b`, so a slot gets `a + b + 1 + 2 * offset` per
+/// value, twice the value's mid-rank `(a + 1 + b) / 2 + offset`; the tie term grows by
+/// `3 j (j + 1)` at the `j`-th (0-based) value of a block, `t^3 - t` over the block.
+/// Adds the doubled rank sums of the non-zeros to `acc2` (zeroed, at least `2^sb` long)
+/// and returns the tie term of their blocks.
+#[inline(never)]
+fn walk_rest_slot_scanpy(
+    packed: &mut [u64],
+    shift: u32,
+    sb: u32,
+    n_neg: usize,
+    n_zero: usize,
+    acc2: &mut [u64],
+) -> u128 {
+    if shift > 0 {
+        fix_windows(packed, sb, sb + shift);
+    }
+    let smask = (1u64 << sb) - 1;
+    // (a slot is at most smask: no bounds checks below)
+    let acc2 = &mut acc2[..=smask as usize];
+    let mut t: u128 = 0;
+    for (r0, r1, off) in [(0, n_neg, 0), (n_neg, packed.len(), n_zero)] {
+        if r0 >= r1 {
+            continue;
+        }
+        let run = &packed[r0..r1];
+        let base = (r0 + 1 + 2 * off) as u64;
+        // forward: block starts (relative to r0)
+        let mut start = 0usize;
+        let mut prev = run[0];
+        for (i, &p) in run.iter().enumerate() {
+            start = if (p ^ prev) >> sb == 0 { start } else { i };
+            prev = p;
+            // j < 2^31, so 3 j (j + 1) < 2^64
+            let j = (i - start) as u64;
+            acc2[(p & smask) as usize] += start as u64 + base;
+            t += (3 * j * (j + 1)) as u128;
+        }
+        // backward: block ends (relative to r0)
+        let mut end = run.len();
+        let mut next = run[run.len() - 1];
+        for (i, &p) in run.iter().enumerate().rev() {
+            end = if (p ^ next) >> sb == 0 { end } else { i + 1 };
+            next = p;
+            acc2[(p & smask) as usize] += (r0 + end) as u64;
+        }
+    }
+    t
+}
+
+/// Sort (by key, i.e. by entry) every run of equal windows `entry >> wsh` that holds
+/// more than one key `entry >> sb` (`wsh > sb`), so the entries end in key order.
+#[inline(never)]
+fn fix_windows(packed: &mut [u64], sb: u32, wsh: u32) {
+    let n = packed.len();
+    // neighbours differ in the key but not in the window iff their xor d is in
+    // [2^sb, 2^wsh): one unsigned comparison, no branch on the (unpredictable) ties
+    let (lo, span) = (1u64 << sb, (1u64 << wsh) - (1u64 << sb));
+    let mut i = 1;
+    while i < n {
+        if (packed[i] ^ packed[i - 1]).wrapping_sub(lo) >= span {
+            i += 1;
+            continue;
+        }
+        let w = packed[i] >> wsh;
+        let mut a = i - 1;
+        while a > 0 && packed[a - 1] >> wsh == w {
+            a -= 1;
+        }
+        let mut b = i + 1;
+        while b < n && packed[b] >> wsh == w {
+            b += 1;
+        }
+        let run = &mut packed[a..b];
+        if run.len() <= 16 {
+            insertion_sort(run);
+        } else {
+            run.sort_unstable();
+        }
+        i = b;
+    }
 }
 
 /// presto's rank of the tie block at sorted non-zero positions `a..a+t` (see
@@ -2311,6 +2413,34 @@ mod tests {
                     ..Default::default()
                 };
                 let r = run(&d, 1, ncol, &groups, 6, None, &opt).unwrap();
+                check_against_naive(&d, 1, &groups, &r, &opt).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn branch_free_walk_negative_only_and_big_blocks() {
+        // the slot layout also holds genes of negative values only (all below the zeros),
+        // with window runs of several keys, and tie blocks of thousands of values
+        for ncol in [40usize, 900, 4000] {
+            let d: Vec<f64> = (0..ncol)
+                .map(|j| {
+                    let h = (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+                    match h % 4 {
+                        0 => 0.0,
+                        1 => -0.3 - (h % 7) as f64 * f64::EPSILON,
+                        2 => -1.5,
+                        _ => -(1.0 + (h % 300) as f64 * 1e-4).ln_1p(),
+                    }
+                })
+                .collect();
+            let groups: Vec<i32> = (0..ncol as i32).map(|j| (j * 7 % 9) - 1).collect();
+            for tie_correct in [false, true] {
+                let opt = WilcoxonOptions {
+                    tie_correct,
+                    ..Default::default()
+                };
+                let r = run(&d, 1, ncol, &groups, 8, None, &opt).unwrap();
                 check_against_naive(&d, 1, &groups, &r, &opt).unwrap();
             }
         }
