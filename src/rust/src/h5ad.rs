@@ -21,7 +21,9 @@ use extendr_ffi::SEXPTYPE;
 /// every R and C function sees an ordinary double / integer vector (`REAL()` /
 /// `INTEGER()` return the mapping; writes go to it; `saveRDS` / `duplicate` write or
 /// copy the values as a standard vector). The mapping is released by the finalizer of
-/// the vector's external pointer when R collects it.
+/// the vector's external pointer when R collects it (kept a few seconds for the next
+/// large read, see `scannot_core::h5ad::mem`: a fresh mapping costs a zero fill of every
+/// page).
 ///
 /// R does not see this memory, so it cannot count it towards its collection triggers:
 /// while such vectors not yet collected take more than a quarter of the machine's
@@ -151,7 +153,7 @@ mod ext_vec {
         {
             return plain();
         }
-        let Some(ptr) = mem::map(bytes) else {
+        let Some((ptr, bytes)) = mem::map(bytes) else {
             return plain();
         };
         LIVE.fetch_add(bytes, Ordering::Relaxed);

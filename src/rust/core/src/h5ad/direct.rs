@@ -121,14 +121,25 @@ fn little_endian(ds: &Dataset) -> bool {
     o == H5T_order_t::H5T_ORDER_LE
 }
 
-/// Read the whole `ds` (one-dimensional, or contiguous in row-major order) into `out` through `file` (the same file, opened
-/// separately), in parallel. `None`: the fast path does not apply (read through HDF5).
-pub(crate) fn read<T: Raw>(
+/// Where the elements of an unfiltered dataset lie in the file and how they become `T`
+/// (see [`layout`]).
+pub(crate) struct Layout {
+    pieces: Vec<Piece>,
+    /// stored as float32, widened to `T`
+    widen: bool,
+    /// bytes per stored element
+    esize: usize,
+}
+
+/// The layout of `n` elements of `ds` for a direct read into a `[T]` through `file` (the
+/// same file, opened separately), or `None` when the fast path does not apply (read
+/// through HDF5).
+pub(crate) fn layout<T: Raw>(
     ds: &Dataset,
     file: &std::fs::File,
     userblock: u64,
-    out: &mut [T],
-) -> Option<ScResult<()>> {
+    n: usize,
+) -> Option<Layout> {
     if !cfg!(target_endian = "little") || userblock != 0 {
         return None;
     }
@@ -139,52 +150,77 @@ pub(crate) fn read<T: Raw>(
     }
     let esize = if widen { 4 } else { std::mem::size_of::<T>() };
     let file_len = file.metadata().ok()?.len();
-    let pieces = pieces(ds, out.len(), esize, file_len)?;
-    // cut the pieces into tasks of at most 256 k elements (1-2 MB reads: the staging
-    // buffer of a widening read stays in cache)
-    const TASK: usize = 1 << 18;
-    let mut tasks: Vec<(u64, &mut [T])> = Vec::new();
-    let mut rest: &mut [T] = out;
-    let mut done = 0usize;
-    for pc in &pieces {
-        debug_assert_eq!(pc.start, done);
-        let mut off = 0usize;
-        while off < pc.len {
-            let len = TASK.min(pc.len - off);
-            let (a, b) = std::mem::take(&mut rest).split_at_mut(len);
-            tasks.push((pc.addr + (off * esize) as u64, a));
-            rest = b;
-            off += len;
-        }
-        done += pc.len;
-    }
-    Some(
-        tasks
-            .into_par_iter()
-            .try_for_each_init(Vec::<u8>::new, |buf, (addr, dst)| {
-                let short = |e: std::io::Error, len: usize| {
-                    ScError::Format(format!(
-                        "cannot read {len} bytes at offset {addr}: {e} (truncated or corrupt file)"
-                    ))
-                };
-                if widen {
-                    buf.resize(dst.len() * esize, 0);
-                    file.read_exact_at(buf, addr)
-                        .map_err(|e| short(e, buf.len()))?;
-                    for (d, b) in dst.iter_mut().zip(buf.chunks_exact(4)) {
-                        *d = T::widen(b);
-                    }
-                } else {
-                    let len = std::mem::size_of_val(dst);
-                    // SAFETY: T is i32 or f64 (plain data: every byte pattern is a value);
-                    // the byte view covers exactly `dst`, which nothing else borrows, and
-                    // the file's little-endian bytes are the target's layout.
-                    let bytes = unsafe {
-                        std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), len)
-                    };
-                    file.read_exact_at(bytes, addr).map_err(|e| short(e, len))?;
+    let pieces = pieces(ds, n, esize, file_len)?;
+    Some(Layout {
+        pieces,
+        widen,
+        esize,
+    })
+}
+
+impl Layout {
+    /// Read elements `first .. first + dst.len()` into `dst` (`buf`: staging bytes for a
+    /// widening read, reused between calls).
+    pub(crate) fn read_range<T: Raw>(
+        &self,
+        file: &std::fs::File,
+        first: usize,
+        dst: &mut [T],
+        buf: &mut Vec<u8>,
+    ) -> ScResult<()> {
+        let end = first + dst.len();
+        let esize = self.esize;
+        let mut k = self.pieces.partition_point(|pc| pc.start + pc.len <= first);
+        while k < self.pieces.len() && self.pieces[k].start < end {
+            let pc = &self.pieces[k];
+            let (s, e) = (first.max(pc.start), end.min(pc.start + pc.len));
+            let out = &mut dst[s - first..e - first];
+            let addr = pc.addr + ((s - pc.start) * esize) as u64;
+            let short = |e: std::io::Error, len: usize| {
+                ScError::Format(format!(
+                    "cannot read {len} bytes at offset {addr}: {e} (truncated or corrupt file)"
+                ))
+            };
+            if self.widen {
+                buf.resize(out.len() * esize, 0);
+                file.read_exact_at(buf, addr)
+                    .map_err(|e| short(e, buf.len()))?;
+                for (d, b) in out.iter_mut().zip(buf.chunks_exact(4)) {
+                    *d = T::widen(b);
                 }
-                Ok(())
+            } else {
+                let len = std::mem::size_of_val(out);
+                // SAFETY: T is i32 or f64 (plain data: every byte pattern is a value);
+                // the byte view covers exactly `out`, which nothing else borrows, and
+                // the file's little-endian bytes are the target's layout.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), len) };
+                file.read_exact_at(bytes, addr).map_err(|e| short(e, len))?;
+            }
+            k += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Elements per parallel task of a direct read: 64 k (256-512 KB of reads, so the
+/// staging buffer of a widening read and the freshly written output stay in cache).
+pub(crate) const TASK: usize = 1 << 16;
+
+/// Read the whole `ds` (one-dimensional, or contiguous in row-major order) into `out` through `file` (the same file, opened
+/// separately), in parallel. `None`: the fast path does not apply (read through HDF5).
+pub(crate) fn read<T: Raw>(
+    ds: &Dataset,
+    file: &std::fs::File,
+    userblock: u64,
+    out: &mut [T],
+) -> Option<ScResult<()>> {
+    let lay = layout::<T>(ds, file, userblock, out.len())?;
+    Some(
+        out.par_chunks_mut(TASK)
+            .enumerate()
+            .try_for_each_init(Vec::<u8>::new, |buf, (t, dst)| {
+                lay.read_range(file, t * TASK, dst, buf)
             }),
     )
 }

@@ -752,7 +752,7 @@ fn corrupt_global_heap_is_a_format_error_not_a_hang() {
     }
 }
 
-/// A matrix larger than one parallel read task (1 << 18 entries) read by the direct
+/// A matrix larger than one parallel read task (1 << 16 entries) read by the direct
 /// path: unsorted slices, also one whose only unsorted pair straddles a task border, come
 /// back sorted with their values; an index out of range or a duplicate is a format error.
 #[test]
@@ -816,4 +816,33 @@ fn direct_sparse_read_checks_indices_across_ranges() {
         .unwrap()
         .read_sparse();
     assert!(matches!(e, Err(ScError::Format(m)) if m.contains("duplicate")));
+}
+
+/// Released mappings are kept and handed out again for a request of a fitting size
+/// (not for a much smaller one), and `release_kept` returns them to the system.
+#[test]
+fn kept_mappings_are_reused() {
+    use super::mem;
+    let (p, len) = mem::map(3 << 20).expect("a mapping");
+    assert_eq!(len, 4 << 20, "whole 2 MiB pages");
+    // SAFETY: p is a fresh read-write mapping of len bytes.
+    unsafe {
+        std::ptr::write_bytes(p.cast::<u8>(), 7, len);
+        mem::unmap(p, len);
+    }
+    // a much smaller request does not take it
+    let (q, qlen) = mem::map(1 << 20).expect("a mapping");
+    assert_eq!(qlen, 2 << 20);
+    assert_ne!(q, p);
+    let (r, rlen) = mem::map((3 << 20) + 5).expect("a mapping");
+    assert_eq!((r, rlen), (p, len), "the kept mapping is reused");
+    // SAFETY: r is the kept mapping of rlen bytes, still readable and writable
+    unsafe {
+        assert_eq!(*r.cast::<u8>(), 7);
+        mem::unmap(r, rlen);
+        mem::unmap(q, qlen);
+    }
+    assert!(mem::retained_bytes() >= len + qlen || std::env::var("SCANNOT_MAP_RETAIN").is_ok());
+    mem::release_kept();
+    assert_eq!(mem::retained_bytes(), 0);
 }
