@@ -10,7 +10,8 @@
 //! is checked against the file length and the dataset's extent; a short read is an
 //! error, never an out-of-bounds write.
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::{Arc, Mutex};
 
 use hdf5::types::{FloatSize, IntSize, TypeDescriptor};
 use hdf5::Dataset;
@@ -54,6 +55,7 @@ impl Raw for f64 {
 }
 
 /// A run of elements stored contiguously in the file.
+#[derive(Clone, Copy)]
 struct Piece {
     /// first element (index into the output)
     start: usize,
@@ -121,10 +123,37 @@ fn little_endian(ds: &Dataset) -> bool {
     o == H5T_order_t::H5T_ORDER_LE
 }
 
+/// Identity of a dataset in one version of a file: device, inode, length, modification
+/// time (s, ns) of the file; the dataset's path; element count and stored size.
+type LayoutKey = (u64, u64, u64, i64, i64, String, usize, usize);
+
+/// Layouts already looked up. Finding the address of every chunk costs libhdf5 1.10 a
+/// walk of the chunk index from its start per chunk (about 50 ms for the 2,048 chunks
+/// of the seed matrix's values), so a file read again (same inode, length and
+/// modification time) reuses them; the reads themselves still check every address
+/// against the file's length.
+static LAYOUTS: Mutex<Vec<(LayoutKey, Arc<Vec<Piece>>)>> = Mutex::new(Vec::new());
+
+/// Join pieces that follow each other in the file (the usual chunk layout) into one.
+fn merge(pieces: Vec<Piece>, esize: usize) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::with_capacity(pieces.len());
+    for pc in pieces {
+        match out.last_mut() {
+            Some(l)
+                if l.start + l.len == pc.start && l.addr + (l.len * esize) as u64 == pc.addr =>
+            {
+                l.len += pc.len
+            }
+            _ => out.push(pc),
+        }
+    }
+    out
+}
+
 /// Where the elements of an unfiltered dataset lie in the file and how they become `T`
 /// (see [`layout`]).
 pub(crate) struct Layout {
-    pieces: Vec<Piece>,
+    pieces: Arc<Vec<Piece>>,
     /// stored as float32, widened to `T`
     widen: bool,
     /// bytes per stored element
@@ -149,8 +178,34 @@ pub(crate) fn layout<T: Raw>(
         return None;
     }
     let esize = if widen { 4 } else { std::mem::size_of::<T>() };
-    let file_len = file.metadata().ok()?.len();
-    let pieces = pieces(ds, n, esize, file_len)?;
+    let meta = file.metadata().ok()?;
+    let key = (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        ds.name(),
+        n,
+        esize,
+    );
+    let cached = LAYOUTS
+        .lock()
+        .ok()
+        .and_then(|m| m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()));
+    let pieces = match cached {
+        Some(p) => p,
+        None => {
+            let p = Arc::new(merge(pieces(ds, n, esize, meta.len())?, esize));
+            if let Ok(mut m) = LAYOUTS.lock() {
+                if m.len() >= 64 {
+                    m.remove(0);
+                }
+                m.push((key, p.clone()));
+            }
+            p
+        }
+    };
     Some(Layout {
         pieces,
         widen,

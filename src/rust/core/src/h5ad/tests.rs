@@ -706,6 +706,12 @@ fn direct_reads_match_hdf5() {
         .expect("chunked i32 takes the fast path")
         .unwrap();
     assert_eq!(v, i32s);
+    // again, from the cached layout
+    let mut v = vec![0i32; n];
+    direct::read(&f.dataset("chunk_i32").unwrap(), &file, 0, &mut v)
+        .expect("chunked i32 takes the fast path")
+        .unwrap();
+    assert_eq!(v, i32s);
     assert!(direct::read(&f.dataset("gzip_i32").unwrap(), &file, 0, &mut v).is_none());
     let mut w = vec![0i32; 5000];
     assert!(direct::read(&f.dataset("sparse_chunks").unwrap(), &file, 0, &mut w).is_none());
@@ -845,4 +851,40 @@ fn kept_mappings_are_reused() {
     assert!(mem::retained_bytes() >= len + qlen || std::env::var("SCANNOT_MAP_RETAIN").is_ok());
     mem::release_kept();
     assert_eq!(mem::retained_bytes(), 0);
+}
+
+/// A file rewritten at the same path (other chunking, other values) is read from its new
+/// layout, not from the one cached for the old version.
+#[test]
+fn rewritten_file_is_not_read_with_a_stale_layout() {
+    use hdf5_metno as h5;
+    let path = tmp("relayout.h5");
+    let write = |chunk: usize, scale: i32| {
+        let v: Vec<i32> = (0..300_000).map(|k| k * scale).collect();
+        let f = h5::File::create(&path).unwrap();
+        // a different dataset first moves the chunks to other addresses
+        if scale > 1 {
+            f.new_dataset_builder()
+                .with_data(&vec![1u8; 100_003])
+                .create("pad")
+                .unwrap();
+        }
+        f.new_dataset_builder()
+            .chunk(chunk)
+            .with_data(&v)
+            .create("v")
+            .unwrap();
+        v
+    };
+    for (chunk, scale) in [(10_000, 1), (7_000, 3)] {
+        let want = write(chunk, scale);
+        let f = open_written(&path);
+        let file = std::fs::File::open(&path).unwrap();
+        let mut got = vec![0i32; want.len()];
+        direct::read(&f.dataset("v").unwrap(), &file, 0, &mut got)
+            .expect("fast path")
+            .unwrap();
+        assert_eq!(got, want);
+    }
+    let _ = std::fs::remove_file(&path);
 }
