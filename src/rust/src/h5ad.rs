@@ -16,8 +16,7 @@ use extendr_ffi::SEXPTYPE;
 /// current vector heap, and a big allocation escalates it to a full collection (about
 /// 0.15 s with Matrix loaded); reading a 54 M-entry matrix allocated two such vectors,
 /// and those collections cost more than the whole read does in Python. So `x` and `i`
-/// of a large matrix live in memory mapped here (with transparent huge pages, filled
-/// once by the read) and reach R as ALTREP vectors whose data pointer is that memory:
+/// of a large matrix live in memory mapped here (filled once by the read) and reach R as ALTREP vectors whose data pointer is that memory:
 /// every R and C function sees an ordinary double / integer vector (`REAL()` /
 /// `INTEGER()` return the mapping; writes go to it; `saveRDS` / `duplicate` write or
 /// copy the values as a standard vector). The mapping is released by the finalizer of

@@ -283,12 +283,13 @@ pub(crate) fn read<T: Raw>(
 /// Ask the kernel for transparent huge pages (2 MiB) behind a large, not yet touched
 /// output buffer (as numpy does for its arrays): filling half a gigabyte of fresh memory
 /// then takes a few hundred page faults instead of a hundred thousand. Only a hint: the
-/// contents are unchanged, and errors (no THP support) are ignored.
+/// contents are unchanged, and errors (no THP support) are ignored. Only with
+/// `SCANNOT_MAP_HUGE=1` (see [`super::mem`] for why it is off by default).
 pub(crate) fn advise_huge<T>(buf: &mut [T]) {
     #[cfg(target_os = "linux")]
     {
         let len = std::mem::size_of_val(buf);
-        if len < 8 << 20 {
+        if len < 8 << 20 || !super::mem::huge_pages() {
             return;
         }
         // SAFETY: sysconf has no preconditions.

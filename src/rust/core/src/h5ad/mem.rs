@@ -1,7 +1,12 @@
 //! Anonymous memory mappings for large matrix buffers that a binding hands out without
-//! its host's allocator (see the R glue's `ext_vec`): page-aligned, backed by transparent
-//! huge pages where the kernel offers them, with unspecified contents (the caller fills
-//! all of them).
+//! its host's allocator (see the R glue's `ext_vec`): page-aligned, with unspecified
+//! contents (the caller fills all of them).
+//!
+//! Transparent huge pages are not requested unless `SCANNOT_MAP_HUGE=1`: on virtual
+//! machines that hand freed memory back to their host (free page reporting, as on this
+//! project's Firecracker machines) the first touch of fresh 2 MiB pages is slow: 651 MB
+//! took 2.4-3.7 s with the huge-page hint against 0.45-1.3 s without (first read of the
+//! seed matrix in a session, or after the kept mappings expired).
 //!
 //! Released mappings are kept for a short while and handed out again, the way jemalloc
 //! keeps freed dirty pages for `dirty_decay_ms` (10 s by default): a fresh mapping costs
@@ -35,6 +40,11 @@ fn retain_on() -> bool {
     std::env::var("SCANNOT_MAP_RETAIN").map_or(true, |v| v != "0")
 }
 
+/// Whether large buffers ask for transparent huge pages (`SCANNOT_MAP_HUGE=1`).
+pub fn huge_pages() -> bool {
+    std::env::var("SCANNOT_MAP_HUGE").is_ok_and(|v| v == "1")
+}
+
 /// Most bytes kept for reuse: an eighth of the machine's memory, at most 4 GiB.
 pub fn retain_cap() -> usize {
     (mem_total() / 8).min(4 << 30)
@@ -47,8 +57,7 @@ pub fn retained_bytes() -> usize {
         .unwrap_or(0)
 }
 
-/// A private anonymous read-write mapping of at least `bytes` bytes (with the huge-page
-/// hint): a kept one of a fitting size, else a new one. Returns the pointer and the
+/// A private anonymous read-write mapping of at least `bytes` bytes: a kept one of a fitting size, else a new one. Returns the pointer and the
 /// mapping's real length (what [`unmap`] takes), or `None` when the system refuses it.
 pub fn map(bytes: usize) -> Option<(*mut c_void, usize)> {
     if bytes == 0 {
@@ -88,10 +97,10 @@ pub fn map(bytes: usize) -> Option<(*mut c_void, usize)> {
         return None;
     }
     #[cfg(target_os = "linux")]
-    // SAFETY: the whole new mapping; a paging hint that leaves the contents alone.
-    unsafe {
-        libc::madvise(ptr, len, libc::MADV_HUGEPAGE)
-    };
+    if huge_pages() {
+        // SAFETY: the whole new mapping; a paging hint that leaves the contents alone.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+    }
     Some((ptr, len))
 }
 
