@@ -2,42 +2,18 @@ use super::*;
 use crate::ScError;
 
 fn fixture(name: &str) -> String {
-    no_file_locking();
     format!(
         "{}/../../../tests/testthat/fixtures/h5ad/{name}",
         env!("CARGO_MANIFEST_DIR")
     )
 }
 
-/// Tests run on parallel threads and every h5ad read forks a metadata-checking child
-/// (isolate.rs) that inherits the open file descriptors of the moment, HDF5's file locks
-/// included: a test that reopens a file it has just written could find it still locked by
-/// another test's short-lived child (the child closes inherited descriptors at once, but
-/// between the fork and that close the lock lives on: 2 of 20 runs failed without this). Test files therefore go without HDF5 file locking.
-fn no_file_locking() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    // SAFETY (edition 2021: safe fn): set once, before this test's first HDF5 call.
-    ONCE.call_once(|| std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE"));
-}
-
-/// Open a file this test wrote, retrying while another test's forked child still holds
-/// an inherited descriptor (and with it a file lock) of it.
+/// Open a file this test wrote.
 fn open_written(path: &str) -> hdf5_metno::File {
-    let mut tries = 0;
-    loop {
-        match hdf5_metno::File::open(path) {
-            Ok(f) => return f,
-            Err(e) if tries >= 100 => panic!("cannot reopen {path}: {e}"),
-            Err(_) => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        }
-    }
+    hdf5_metno::File::open(path).unwrap_or_else(|e| panic!("cannot reopen {path}: {e}"))
 }
 
 fn tmp(name: &str) -> String {
-    no_file_locking();
     let dir = std::env::temp_dir().join(format!("scannot-h5ad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name).to_string_lossy().into_owned()
