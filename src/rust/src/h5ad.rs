@@ -16,12 +16,13 @@ use extendr_ffi::SEXPTYPE;
 /// current vector heap, and a big allocation escalates it to a full collection (about
 /// 0.15 s with Matrix loaded); reading a 54 M-entry matrix allocated two such vectors,
 /// and those collections cost more than the whole read does in Python. So `x` and `i`
-/// of a large matrix live in memory mapped here (with transparent huge pages, filled
-/// once by the read) and reach R as ALTREP vectors whose data pointer is that memory:
+/// of a large matrix live in memory mapped here (filled once by the read) and reach R as ALTREP vectors whose data pointer is that memory:
 /// every R and C function sees an ordinary double / integer vector (`REAL()` /
 /// `INTEGER()` return the mapping; writes go to it; `saveRDS` / `duplicate` write or
 /// copy the values as a standard vector). The mapping is released by the finalizer of
-/// the vector's external pointer when R collects it.
+/// the vector's external pointer when R collects it (kept a few seconds for the next
+/// large read, see `scannot_core::h5ad::mem`: a fresh mapping costs a zero fill of every
+/// page).
 ///
 /// R does not see this memory, so it cannot count it towards its collection triggers:
 /// while such vectors not yet collected take more than a quarter of the machine's
@@ -151,7 +152,7 @@ mod ext_vec {
         {
             return plain();
         }
-        let Some(ptr) = mem::map(bytes) else {
+        let Some((ptr, bytes)) = mem::map(bytes) else {
             return plain();
         };
         LIVE.fetch_add(bytes, Ordering::Relaxed);

@@ -10,7 +10,8 @@
 //! is checked against the file length and the dataset's extent; a short read is an
 //! error, never an out-of-bounds write.
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::{Arc, Mutex};
 
 use hdf5::types::{FloatSize, IntSize, TypeDescriptor};
 use hdf5::Dataset;
@@ -54,6 +55,7 @@ impl Raw for f64 {
 }
 
 /// A run of elements stored contiguously in the file.
+#[derive(Clone, Copy)]
 struct Piece {
     /// first element (index into the output)
     start: usize,
@@ -121,14 +123,52 @@ fn little_endian(ds: &Dataset) -> bool {
     o == H5T_order_t::H5T_ORDER_LE
 }
 
-/// Read the whole `ds` (one-dimensional, or contiguous in row-major order) into `out` through `file` (the same file, opened
-/// separately), in parallel. `None`: the fast path does not apply (read through HDF5).
-pub(crate) fn read<T: Raw>(
+/// Identity of a dataset in one version of a file: device, inode, length, modification
+/// time (s, ns) of the file; the dataset's path; element count and stored size.
+type LayoutKey = (u64, u64, u64, i64, i64, String, usize, usize);
+
+/// Layouts already looked up. Finding the address of every chunk costs libhdf5 1.10 a
+/// walk of the chunk index from its start per chunk (about 50 ms for the 2,048 chunks
+/// of the seed matrix's values), so a file read again (same inode, length and
+/// modification time) reuses them; the reads themselves still check every address
+/// against the file's length.
+static LAYOUTS: Mutex<Vec<(LayoutKey, Arc<Vec<Piece>>)>> = Mutex::new(Vec::new());
+
+/// Join pieces that follow each other in the file (the usual chunk layout) into one.
+fn merge(pieces: Vec<Piece>, esize: usize) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::with_capacity(pieces.len());
+    for pc in pieces {
+        match out.last_mut() {
+            Some(l)
+                if l.start + l.len == pc.start && l.addr + (l.len * esize) as u64 == pc.addr =>
+            {
+                l.len += pc.len
+            }
+            _ => out.push(pc),
+        }
+    }
+    out
+}
+
+/// Where the elements of an unfiltered dataset lie in the file and how they become `T`
+/// (see [`layout`]).
+pub(crate) struct Layout {
+    pieces: Arc<Vec<Piece>>,
+    /// stored as float32, widened to `T`
+    widen: bool,
+    /// bytes per stored element
+    esize: usize,
+}
+
+/// The layout of `n` elements of `ds` for a direct read into a `[T]` through `file` (the
+/// same file, opened separately), or `None` when the fast path does not apply (read
+/// through HDF5).
+pub(crate) fn layout<T: Raw>(
     ds: &Dataset,
     file: &std::fs::File,
     userblock: u64,
-    out: &mut [T],
-) -> Option<ScResult<()>> {
+    n: usize,
+) -> Option<Layout> {
     if !cfg!(target_endian = "little") || userblock != 0 {
         return None;
     }
@@ -138,53 +178,104 @@ pub(crate) fn read<T: Raw>(
         return None;
     }
     let esize = if widen { 4 } else { std::mem::size_of::<T>() };
-    let file_len = file.metadata().ok()?.len();
-    let pieces = pieces(ds, out.len(), esize, file_len)?;
-    // cut the pieces into tasks of at most 256 k elements (1-2 MB reads: the staging
-    // buffer of a widening read stays in cache)
-    const TASK: usize = 1 << 18;
-    let mut tasks: Vec<(u64, &mut [T])> = Vec::new();
-    let mut rest: &mut [T] = out;
-    let mut done = 0usize;
-    for pc in &pieces {
-        debug_assert_eq!(pc.start, done);
-        let mut off = 0usize;
-        while off < pc.len {
-            let len = TASK.min(pc.len - off);
-            let (a, b) = std::mem::take(&mut rest).split_at_mut(len);
-            tasks.push((pc.addr + (off * esize) as u64, a));
-            rest = b;
-            off += len;
-        }
-        done += pc.len;
-    }
-    Some(
-        tasks
-            .into_par_iter()
-            .try_for_each_init(Vec::<u8>::new, |buf, (addr, dst)| {
-                let short = |e: std::io::Error, len: usize| {
-                    ScError::Format(format!(
-                        "cannot read {len} bytes at offset {addr}: {e} (truncated or corrupt file)"
-                    ))
-                };
-                if widen {
-                    buf.resize(dst.len() * esize, 0);
-                    file.read_exact_at(buf, addr)
-                        .map_err(|e| short(e, buf.len()))?;
-                    for (d, b) in dst.iter_mut().zip(buf.chunks_exact(4)) {
-                        *d = T::widen(b);
-                    }
-                } else {
-                    let len = std::mem::size_of_val(dst);
-                    // SAFETY: T is i32 or f64 (plain data: every byte pattern is a value);
-                    // the byte view covers exactly `dst`, which nothing else borrows, and
-                    // the file's little-endian bytes are the target's layout.
-                    let bytes = unsafe {
-                        std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), len)
-                    };
-                    file.read_exact_at(bytes, addr).map_err(|e| short(e, len))?;
+    let meta = file.metadata().ok()?;
+    let key = (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        ds.name(),
+        n,
+        esize,
+    );
+    let cached = LAYOUTS
+        .lock()
+        .ok()
+        .and_then(|m| m.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()));
+    let pieces = match cached {
+        Some(p) => p,
+        None => {
+            let p = Arc::new(merge(pieces(ds, n, esize, meta.len())?, esize));
+            if let Ok(mut m) = LAYOUTS.lock() {
+                if m.len() >= 64 {
+                    m.remove(0);
                 }
-                Ok(())
+                m.push((key, p.clone()));
+            }
+            p
+        }
+    };
+    Some(Layout {
+        pieces,
+        widen,
+        esize,
+    })
+}
+
+impl Layout {
+    /// Read elements `first .. first + dst.len()` into `dst` (`buf`: staging bytes for a
+    /// widening read, reused between calls).
+    pub(crate) fn read_range<T: Raw>(
+        &self,
+        file: &std::fs::File,
+        first: usize,
+        dst: &mut [T],
+        buf: &mut Vec<u8>,
+    ) -> ScResult<()> {
+        let end = first + dst.len();
+        let esize = self.esize;
+        let mut k = self.pieces.partition_point(|pc| pc.start + pc.len <= first);
+        while k < self.pieces.len() && self.pieces[k].start < end {
+            let pc = &self.pieces[k];
+            let (s, e) = (first.max(pc.start), end.min(pc.start + pc.len));
+            let out = &mut dst[s - first..e - first];
+            let addr = pc.addr + ((s - pc.start) * esize) as u64;
+            let short = |e: std::io::Error, len: usize| {
+                ScError::Format(format!(
+                    "cannot read {len} bytes at offset {addr}: {e} (truncated or corrupt file)"
+                ))
+            };
+            if self.widen {
+                buf.resize(out.len() * esize, 0);
+                file.read_exact_at(buf, addr)
+                    .map_err(|e| short(e, buf.len()))?;
+                for (d, b) in out.iter_mut().zip(buf.chunks_exact(4)) {
+                    *d = T::widen(b);
+                }
+            } else {
+                let len = std::mem::size_of_val(out);
+                // SAFETY: T is i32 or f64 (plain data: every byte pattern is a value);
+                // the byte view covers exactly `out`, which nothing else borrows, and
+                // the file's little-endian bytes are the target's layout.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), len) };
+                file.read_exact_at(bytes, addr).map_err(|e| short(e, len))?;
+            }
+            k += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Elements per parallel task of a direct read: 64 k (256-512 KB of reads, so the
+/// staging buffer of a widening read and the freshly written output stay in cache).
+pub(crate) const TASK: usize = 1 << 16;
+
+/// Read the whole `ds` (one-dimensional, or contiguous in row-major order) into `out` through `file` (the same file, opened
+/// separately), in parallel. `None`: the fast path does not apply (read through HDF5).
+pub(crate) fn read<T: Raw>(
+    ds: &Dataset,
+    file: &std::fs::File,
+    userblock: u64,
+    out: &mut [T],
+) -> Option<ScResult<()>> {
+    let lay = layout::<T>(ds, file, userblock, out.len())?;
+    Some(
+        out.par_chunks_mut(TASK)
+            .enumerate()
+            .try_for_each_init(Vec::<u8>::new, |buf, (t, dst)| {
+                lay.read_range(file, t * TASK, dst, buf)
             }),
     )
 }
@@ -192,12 +283,13 @@ pub(crate) fn read<T: Raw>(
 /// Ask the kernel for transparent huge pages (2 MiB) behind a large, not yet touched
 /// output buffer (as numpy does for its arrays): filling half a gigabyte of fresh memory
 /// then takes a few hundred page faults instead of a hundred thousand. Only a hint: the
-/// contents are unchanged, and errors (no THP support) are ignored.
+/// contents are unchanged, and errors (no THP support) are ignored. Only with
+/// `SCANNOT_MAP_HUGE=1` (see [`super::mem`] for why it is off by default).
 pub(crate) fn advise_huge<T>(buf: &mut [T]) {
     #[cfg(target_os = "linux")]
     {
         let len = std::mem::size_of_val(buf);
-        if len < 8 << 20 {
+        if len < 8 << 20 || !super::mem::huge_pages() {
             return;
         }
         // SAFETY: sysconf has no preconditions.

@@ -56,6 +56,16 @@ fn in_child(path: &str) -> Result<(), String> {
     // Fork while holding the HDF5 lock (every HDF5 call of this crate and of hdf5-metno
     // takes it), so no other thread is inside libhdf5 or holds the lock at the fork; the
     // child's only thread owns it (reentrant) and never returns from the closure.
+    //
+    // The child inherits every open descriptor, and with those the HDF5 file locks
+    // (flock belongs to the open file description, so a lock lives on in the child after
+    // the parent closed the file). The parent therefore keeps the HDF5 lock until the
+    // child reports (one byte on `ready`, or end of file if it died) that it closed the
+    // inherited descriptors: no HDF5 call of another thread (a reopen of a file just
+    // written and closed) can see a lock held only by the child.
+    let mut ready = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two-element array; failure is checked.
+    let have_pipe = unsafe { libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) } == 0;
     let pid = hdf5::sync::sync(|| {
         // SAFETY: fork duplicates only this thread; the child runs HDF5 calls on it and
         // ends with _exit, never returning into the caller's frames.
@@ -76,10 +86,39 @@ fn in_child(path: &str) -> Result<(), String> {
                 // SAFETY: restores the default action in this single-threaded child.
                 unsafe { libc::signal(sig, libc::SIG_DFL) };
             }
-            close_inherited(path);
+            close_inherited(path, if have_pipe { ready[1] } else { -1 });
+            if have_pipe {
+                // SAFETY: writes one byte to, then closes, this child's pipe end.
+                unsafe {
+                    libc::write(ready[1], [1u8].as_ptr().cast(), 1);
+                    libc::close(ready[1]);
+                }
+            }
             let _ = std::panic::catch_unwind(|| walk(path));
             // SAFETY: ends the child at once, without the parent's exit handlers.
             unsafe { libc::_exit(0) };
+        }
+        if have_pipe {
+            // SAFETY: the parent's copy of the write end is closed, so the pipe becomes
+            // readable with the child's byte or at end of file (child gone, or no child:
+            // fork failed); a child stuck before that is waited for at most 10 s here
+            // (then as before: the walk's own timeout below).
+            unsafe {
+                libc::close(ready[1]);
+                let mut pfd = libc::pollfd {
+                    fd: ready[0],
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(10) {
+                    let r = libc::poll(&mut pfd, 1, 100);
+                    if r > 0 || (r < 0 && !interrupted()) {
+                        break;
+                    }
+                }
+                libc::close(ready[0]);
+            }
         }
         pid
     });
@@ -123,13 +162,17 @@ fn in_child(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn interrupted() -> bool {
+    std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+}
+
 /// Close the descriptors the child inherited (other threads' HDF5 files with their
-/// locks, sockets, pipes), so that a file another thread closes is really closed while
-/// the child walks. Kept: standard streams, and descriptors of the file being checked
+/// locks, sockets, pipes) except `keep` (its pipe to the parent), so that a file
+/// another thread closes is really closed while the child walks. Kept: standard streams, and descriptors of the file being checked
 /// itself (HDF5 shares an open file: the child's open of `path` may reuse the parent's
 /// handle, whose descriptor must stay valid). The child touches no other inherited
 /// HDF5 file and leaves with `_exit`, so the stale handles are never used.
-fn close_inherited(path: &str) {
+fn close_inherited(path: &str, keep: libc::c_int) {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(path) else {
         return;
@@ -143,7 +186,7 @@ fn close_inherited(path: &str) {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     for fd in fds {
-        if fd <= 2 {
+        if fd <= 2 || fd == keep {
             continue;
         }
         // SAFETY: fstat on a descriptor number fills a plain struct (EBADF for the

@@ -1,20 +1,92 @@
 //! Anonymous memory mappings for large matrix buffers that a binding hands out without
-//! its host's allocator (see the R glue's `ext_vec`): page-aligned, backed by transparent
-//! huge pages where the kernel offers them, zero until written.
+//! its host's allocator (see the R glue's `ext_vec`): page-aligned, with unspecified
+//! contents (the caller fills all of them).
+//!
+//! Transparent huge pages are not requested unless `SCANNOT_MAP_HUGE=1`: on virtual
+//! machines that hand freed memory back to their host (free page reporting, as on this
+//! project's Firecracker machines) the first touch of fresh 2 MiB pages is slow: 651 MB
+//! took 2.4-3.7 s with the huge-page hint against 0.45-1.3 s without (first read of the
+//! seed matrix in a session, or after the kept mappings expired).
+//!
+//! Released mappings are kept for a short while and handed out again, the way jemalloc
+//! keeps freed dirty pages for `dirty_decay_ms` (10 s by default): a fresh mapping costs
+//! the kernel a zero fill of every page on first touch (on this project's virtual
+//! machines about 7 GB/s, more than the whole read of an uncompressed matrix), while a
+//! kept one is already backed. A mapping unused for [`DECAY`] is returned to the system
+//! by a background thread; at most [`retain_cap`] bytes are kept; the environment
+//! variable `SCANNOT_MAP_RETAIN=0` turns the reuse off.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-/// A private anonymous read-write mapping of `bytes` bytes (with the huge-page hint), or
-/// `None` when the system refuses it.
-pub fn map(bytes: usize) -> Option<*mut c_void> {
+/// How long a released mapping is kept for reuse.
+pub const DECAY: Duration = Duration::from_secs(10);
+
+/// Mapping sizes are multiples of this (one transparent huge page).
+const GRAIN: usize = 2 << 20;
+
+struct Kept {
+    addr: usize,
+    bytes: usize,
+    since: Instant,
+}
+
+static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
+static REAPER: AtomicBool = AtomicBool::new(false);
+
+fn retain_on() -> bool {
+    std::env::var("SCANNOT_MAP_RETAIN").map_or(true, |v| v != "0")
+}
+
+/// Whether large buffers ask for transparent huge pages (`SCANNOT_MAP_HUGE=1`).
+pub fn huge_pages() -> bool {
+    std::env::var("SCANNOT_MAP_HUGE").is_ok_and(|v| v == "1")
+}
+
+/// Most bytes kept for reuse: an eighth of the machine's memory, at most 4 GiB.
+pub fn retain_cap() -> usize {
+    (mem_total() / 8).min(4 << 30)
+}
+
+/// Bytes currently kept for reuse.
+pub fn retained_bytes() -> usize {
+    KEPT.try_lock()
+        .map(|k| k.iter().map(|e| e.bytes).sum())
+        .unwrap_or(0)
+}
+
+/// A private anonymous read-write mapping of at least `bytes` bytes: a kept one of a fitting size, else a new one. Returns the pointer and the
+/// mapping's real length (what [`unmap`] takes), or `None` when the system refuses it.
+pub fn map(bytes: usize) -> Option<(*mut c_void, usize)> {
     if bytes == 0 {
         return None;
+    }
+    let len = bytes.checked_next_multiple_of(GRAIN)?;
+    if retain_on() {
+        // try_lock: a fork taken while the reaper held the lock must not deadlock
+        if let Ok(mut kept) = KEPT.try_lock() {
+            // the smallest kept mapping that fits without wasting more than an eighth;
+            // of equal ones the last kept (its pages are the likeliest still in cache)
+            let best = kept
+                .iter()
+                .enumerate()
+                .rev()
+                .filter(|(_, e)| e.bytes >= len && e.bytes - len <= len / 8)
+                .min_by_key(|(_, e)| e.bytes)
+                .map(|(k, _)| k);
+            if let Some(k) = best {
+                let e = kept.remove(k);
+                return Some((e.addr as *mut c_void, e.bytes));
+            }
+        }
     }
     // SAFETY: a fresh mapping chosen by the kernel; failure is checked.
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            bytes,
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
@@ -25,20 +97,90 @@ pub fn map(bytes: usize) -> Option<*mut c_void> {
         return None;
     }
     #[cfg(target_os = "linux")]
-    // SAFETY: the whole new mapping; a paging hint that leaves the contents alone.
-    unsafe {
-        libc::madvise(ptr, bytes, libc::MADV_HUGEPAGE)
-    };
-    Some(ptr)
+    if huge_pages() {
+        // SAFETY: the whole new mapping; a paging hint that leaves the contents alone.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+    }
+    Some((ptr, len))
 }
 
-/// Release a mapping made by [`map`].
+/// Release a mapping made by [`map`]: kept for reuse (see the module documentation) or
+/// returned to the system.
 ///
 /// # Safety
-/// `ptr` and `bytes` are exactly those of one [`map`] call, and nothing uses the memory
-/// afterwards.
+/// `ptr` and `bytes` are exactly those returned by one [`map`] call, and nothing uses
+/// the memory afterwards.
 pub unsafe fn unmap(ptr: *mut c_void, bytes: usize) {
+    if retain_on() {
+        if let Ok(mut kept) = KEPT.try_lock() {
+            let total: usize = kept.iter().map(|e| e.bytes).sum();
+            if total + bytes <= retain_cap() {
+                kept.push(Kept {
+                    addr: ptr as usize,
+                    bytes,
+                    since: Instant::now(),
+                });
+                drop(kept);
+                start_reaper();
+                return;
+            }
+        }
+    }
     libc::munmap(ptr, bytes);
+}
+
+/// Return every kept mapping to the system now.
+pub fn release_kept() {
+    let all: Vec<Kept> = match KEPT.lock() {
+        Ok(mut k) => std::mem::take(&mut *k),
+        Err(_) => return,
+    };
+    for e in all {
+        // SAFETY: a mapping of `map` that its user released; nobody holds it.
+        unsafe { libc::munmap(e.addr as *mut c_void, e.bytes) };
+    }
+}
+
+fn start_reaper() {
+    if REAPER.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("scannot-unmap".into())
+        .spawn(reap);
+    if spawned.is_err() {
+        REAPER.store(false, Ordering::Release);
+    }
+}
+
+/// The background thread: unmaps kept mappings older than [`DECAY`]; ends when none
+/// is left.
+fn reap() {
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let (old, left) = match KEPT.lock() {
+            Ok(mut k) => {
+                let (old, keep): (Vec<Kept>, Vec<Kept>) =
+                    k.drain(..).partition(|e| e.since.elapsed() >= DECAY);
+                *k = keep;
+                (old, k.len())
+            }
+            Err(_) => (Vec::new(), 0),
+        };
+        for e in old {
+            // SAFETY: as in `release_kept`.
+            unsafe { libc::munmap(e.addr as *mut c_void, e.bytes) };
+        }
+        if left == 0 {
+            REAPER.store(false, Ordering::Release);
+            // a mapping kept between the check and the store would have found the flag
+            // still set: carry on for it
+            let more = KEPT.lock().map(|k| !k.is_empty()).unwrap_or(false);
+            if !more || REAPER.swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+    }
 }
 
 /// Physical memory of the machine in bytes (8 GiB when unknown).

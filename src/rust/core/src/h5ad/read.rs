@@ -389,15 +389,8 @@ impl MatrixInfo {
         direct::advise_huge(i);
         // unfiltered little-endian arrays: parallel reads straight from the file
         if let Ok(file) = std::fs::File::open(&self.file_path) {
-            let (ub, fp) = (self.userblock, &file);
-            let rd = direct::read(&self.data, fp, ub, x);
-            let ri = direct::read(ind, fp, ub, i);
-            let rp = direct::read(ptr, fp, ub, p);
-            if let (Some(rd), Some(ri), Some(rp)) = (rd, ri, rp) {
-                rd?;
-                ri?;
-                rp?;
-                return check_compressed(&self.name, major, minor, self.nnz, p, i, x);
+            if let Some(r) = self.read_sparse_direct(&file, ind, ptr, major, minor, x, i, p) {
+                return r;
             }
         }
         if self.nnz > 0 {
@@ -416,6 +409,62 @@ impl MatrixInfo {
         }
         ptr.as_reader().read_into_raw(p).map_err(ctx("indptr"))?;
         check_compressed(&self.name, major, minor, self.nnz, p, i, x)
+    }
+
+    /// The direct path of [`MatrixInfo::read_sparse_into`] (`None`: an array is not
+    /// stored for it; read through HDF5). `indptr` is read and checked first; then each
+    /// task reads one range of the values (widened) and of the indices and checks the
+    /// indices of that range while they are in cache (within every slice: strictly
+    /// increasing, in `0..minor`). Only when a range fails (unsorted slices, or a corrupt
+    /// file) does the whole structure go through [`check_compressed`], which sorts or
+    /// reports the error.
+    #[allow(clippy::too_many_arguments)]
+    fn read_sparse_direct(
+        &self,
+        file: &std::fs::File,
+        ind: &Dataset,
+        ptr: &Dataset,
+        major: usize,
+        minor: usize,
+        x: &mut [f64],
+        i: &mut [i32],
+        p: &mut [i32],
+    ) -> Option<ScResult<()>> {
+        use rayon::prelude::*;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let ub = self.userblock;
+        let lx = direct::layout::<f64>(&self.data, file, ub, self.nnz)?;
+        let li = direct::layout::<i32>(ind, file, ub, self.nnz)?;
+        let rp = direct::read(ptr, file, ub, p)?;
+        let run = || -> ScResult<()> {
+            rp?;
+            check_indptr(&self.name, major, self.nnz, p)?;
+            let pr: &[i32] = p;
+            let sorted = AtomicBool::new(true);
+            x.par_chunks_mut(direct::TASK)
+                .zip(i.par_chunks_mut(direct::TASK))
+                .enumerate()
+                .try_for_each_init(Vec::<u8>::new, |buf, (t, (xc, ic))| {
+                    let first = t * direct::TASK;
+                    lx.read_range(file, first, xc, buf)?;
+                    li.read_range(file, first, ic, buf)?;
+                    if !slices_sorted(pr, first, ic, minor) {
+                        sorted.store(false, Ordering::Relaxed);
+                    }
+                    Ok::<(), ScError>(())
+                })?;
+            // pairs across task borders inside one slice
+            let ok = sorted.load(Ordering::Relaxed)
+                && (direct::TASK..self.nnz)
+                    .step_by(direct::TASK)
+                    .all(|a| pr.binary_search(&(a as i32)).is_ok() || i[a - 1] < i[a]);
+            if ok {
+                Ok(())
+            } else {
+                check_compressed(&self.name, major, minor, self.nnz, p, i, x)
+            }
+        };
+        Some(run())
     }
 
     /// Read a dense matrix into `x` in the file's row-major order (= column-major
@@ -489,6 +538,51 @@ fn read_f32_widen(ds: &Dataset, x: &mut [f64]) -> hdf5::Result<()> {
     Ok(())
 }
 
+/// Check that `indptr` runs from 0 to `nnz` without decreasing.
+fn check_indptr(name: &str, major: usize, nnz: usize, p: &[i32]) -> ScResult<()> {
+    let bad = |what: String| ScError::Format(format!("sparse matrix '{name}' is corrupt: {what}"));
+    if p.len() != major + 1 || p[0] != 0 || p[major] as i64 != nnz as i64 {
+        return Err(bad(format!(
+            "indptr must run from 0 to {nnz}, got {} to {}",
+            p.first().copied().unwrap_or(-1),
+            p.last().copied().unwrap_or(-1)
+        )));
+    }
+    for k in 0..major {
+        let (a, b) = (p[k], p[k + 1]);
+        if b < a || b as usize > nnz {
+            return Err(bad(format!("indptr decreases or exceeds {nnz} at {k}")));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the indices `seg` (entries `first ..` of a compressed matrix with a checked
+/// `indptr` `p`) are strictly increasing and in `0..minor` within each slice (the
+/// pairs across `seg`'s own borders are the caller's). Branch-free over each slice, so
+/// it runs at memory speed.
+fn slices_sorted(p: &[i32], first: usize, seg: &[i32], minor: usize) -> bool {
+    let end = first + seg.len();
+    let major = p.len() - 1;
+    let minor = minor as i64;
+    // the slice holding `first` (p[0] = 0 <= first < nnz = p[major])
+    let mut r = p
+        .partition_point(|&v| (v as usize) <= first)
+        .saturating_sub(1);
+    let mut ok = true;
+    while r < major && (p[r] as usize) < end {
+        let lo = (p[r] as usize).max(first) - first;
+        let hi = (p[r + 1] as usize).min(end) - first;
+        if hi > lo {
+            let s = &seg[lo..hi];
+            ok &= s[0] >= 0 && (s[s.len() - 1] as i64) < minor;
+            ok &= s.windows(2).fold(true, |acc, w| acc & (w[0] < w[1]));
+        }
+        r += 1;
+    }
+    ok
+}
+
 /// Validate compressed-sparse structure; sort indices inside slices where needed.
 /// The pointers are checked first; the slices are then checked in parallel blocks (the
 /// first failing block in order gives the error, so the message does not depend on
@@ -504,21 +598,9 @@ pub(crate) fn check_compressed(
 ) -> ScResult<()> {
     use rayon::prelude::*;
     let bad = |what: String| ScError::Format(format!("sparse matrix '{name}' is corrupt: {what}"));
-    if p.len() != major + 1 || p[0] != 0 || p[major] as i64 != nnz as i64 {
-        return Err(bad(format!(
-            "indptr must run from 0 to {nnz}, got {} to {}",
-            p.first().copied().unwrap_or(-1),
-            p.last().copied().unwrap_or(-1)
-        )));
-    }
+    check_indptr(name, major, nnz, p)?;
     if i.len() != nnz || x.len() != nnz {
         return Err(bad("indices or values do not match indptr".into()));
-    }
-    for k in 0..major {
-        let (a, b) = (p[k], p[k + 1]);
-        if b < a || b as usize > nnz {
-            return Err(bad(format!("indptr decreases or exceeds {nnz} at {k}")));
-        }
     }
     // blocks of whole slices, about nnz / 64 entries each
     let target = (nnz / 64).max(1 << 16);

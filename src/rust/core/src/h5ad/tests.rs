@@ -2,42 +2,18 @@ use super::*;
 use crate::ScError;
 
 fn fixture(name: &str) -> String {
-    no_file_locking();
     format!(
         "{}/../../../tests/testthat/fixtures/h5ad/{name}",
         env!("CARGO_MANIFEST_DIR")
     )
 }
 
-/// Tests run on parallel threads and every h5ad read forks a metadata-checking child
-/// (isolate.rs) that inherits the open file descriptors of the moment, HDF5's file locks
-/// included: a test that reopens a file it has just written could find it still locked by
-/// another test's short-lived child (the child closes inherited descriptors at once, but
-/// between the fork and that close the lock lives on: 2 of 20 runs failed without this). Test files therefore go without HDF5 file locking.
-fn no_file_locking() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    // SAFETY (edition 2021: safe fn): set once, before this test's first HDF5 call.
-    ONCE.call_once(|| std::env::set_var("HDF5_USE_FILE_LOCKING", "FALSE"));
-}
-
-/// Open a file this test wrote, retrying while another test's forked child still holds
-/// an inherited descriptor (and with it a file lock) of it.
+/// Open a file this test wrote.
 fn open_written(path: &str) -> hdf5_metno::File {
-    let mut tries = 0;
-    loop {
-        match hdf5_metno::File::open(path) {
-            Ok(f) => return f,
-            Err(e) if tries >= 100 => panic!("cannot reopen {path}: {e}"),
-            Err(_) => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        }
-    }
+    hdf5_metno::File::open(path).unwrap_or_else(|e| panic!("cannot reopen {path}: {e}"))
 }
 
 fn tmp(name: &str) -> String {
-    no_file_locking();
     let dir = std::env::temp_dir().join(format!("scannot-h5ad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name).to_string_lossy().into_owned()
@@ -706,6 +682,12 @@ fn direct_reads_match_hdf5() {
         .expect("chunked i32 takes the fast path")
         .unwrap();
     assert_eq!(v, i32s);
+    // again, from the cached layout
+    let mut v = vec![0i32; n];
+    direct::read(&f.dataset("chunk_i32").unwrap(), &file, 0, &mut v)
+        .expect("chunked i32 takes the fast path")
+        .unwrap();
+    assert_eq!(v, i32s);
     assert!(direct::read(&f.dataset("gzip_i32").unwrap(), &file, 0, &mut v).is_none());
     let mut w = vec![0i32; 5000];
     assert!(direct::read(&f.dataset("sparse_chunks").unwrap(), &file, 0, &mut w).is_none());
@@ -752,7 +734,7 @@ fn corrupt_global_heap_is_a_format_error_not_a_hang() {
     }
 }
 
-/// A matrix larger than one parallel read task (1 << 18 entries) read by the direct
+/// A matrix larger than one parallel read task (1 << 16 entries) read by the direct
 /// path: unsorted slices, also one whose only unsorted pair straddles a task border, come
 /// back sorted with their values; an index out of range or a duplicate is a format error.
 #[test]
@@ -816,4 +798,69 @@ fn direct_sparse_read_checks_indices_across_ranges() {
         .unwrap()
         .read_sparse();
     assert!(matches!(e, Err(ScError::Format(m)) if m.contains("duplicate")));
+}
+
+/// Released mappings are kept and handed out again for a request of a fitting size
+/// (not for a much smaller one), and `release_kept` returns them to the system.
+#[test]
+fn kept_mappings_are_reused() {
+    use super::mem;
+    let (p, len) = mem::map(3 << 20).expect("a mapping");
+    assert_eq!(len, 4 << 20, "whole 2 MiB pages");
+    // SAFETY: p is a fresh read-write mapping of len bytes.
+    unsafe {
+        std::ptr::write_bytes(p.cast::<u8>(), 7, len);
+        mem::unmap(p, len);
+    }
+    // a much smaller request does not take it
+    let (q, qlen) = mem::map(1 << 20).expect("a mapping");
+    assert_eq!(qlen, 2 << 20);
+    assert_ne!(q, p);
+    let (r, rlen) = mem::map((3 << 20) + 5).expect("a mapping");
+    assert_eq!((r, rlen), (p, len), "the kept mapping is reused");
+    // SAFETY: r is the kept mapping of rlen bytes, still readable and writable
+    unsafe {
+        assert_eq!(*r.cast::<u8>(), 7);
+        mem::unmap(r, rlen);
+        mem::unmap(q, qlen);
+    }
+    assert!(mem::retained_bytes() >= len + qlen || std::env::var("SCANNOT_MAP_RETAIN").is_ok());
+    mem::release_kept();
+    assert_eq!(mem::retained_bytes(), 0);
+}
+
+/// A file rewritten at the same path (other chunking, other values) is read from its new
+/// layout, not from the one cached for the old version.
+#[test]
+fn rewritten_file_is_not_read_with_a_stale_layout() {
+    use hdf5_metno as h5;
+    let path = tmp("relayout.h5");
+    let write = |chunk: usize, scale: i32| {
+        let v: Vec<i32> = (0..300_000).map(|k| k * scale).collect();
+        let f = h5::File::create(&path).unwrap();
+        // a different dataset first moves the chunks to other addresses
+        if scale > 1 {
+            f.new_dataset_builder()
+                .with_data(&vec![1u8; 100_003])
+                .create("pad")
+                .unwrap();
+        }
+        f.new_dataset_builder()
+            .chunk(chunk)
+            .with_data(&v)
+            .create("v")
+            .unwrap();
+        v
+    };
+    for (chunk, scale) in [(10_000, 1), (7_000, 3)] {
+        let want = write(chunk, scale);
+        let f = open_written(&path);
+        let file = std::fs::File::open(&path).unwrap();
+        let mut got = vec![0i32; want.len()];
+        direct::read(&f.dataset("v").unwrap(), &file, 0, &mut got)
+            .expect("fast path")
+            .unwrap();
+        assert_eq!(got, want);
+    }
+    let _ = std::fs::remove_file(&path);
 }
