@@ -215,9 +215,9 @@ impl Nz {
     }
 }
 
-/// `y[..8 NV] += sum_k val_k * w[idx_k * stride..][..8 NV]`: the `8 NV` outputs stay in
-/// registers while the non-zeros stream by, so only the weight rows are loaded. Rows past
-/// the end of `w` are skipped (callers never pass them).
+/// `y[..8 NV] += sum_k val_k * w[idx_k * stride..][..8 NV]` over the leading non-zeros with
+/// `idx_k < limit` (and a row inside `w`); returns how many that is. The `8 NV` outputs
+/// stay in registers while the non-zeros stream by, so only the weight rows are loaded.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_avx2<const NV: usize>(
@@ -226,7 +226,8 @@ unsafe fn rows_avx2<const NV: usize>(
     stride: usize,
     idx: &[u32],
     val: &[f32],
-) {
+    limit: u32,
+) -> usize {
     use std::arch::x86_64::*;
     assert!(y.len() >= 8 * NV && stride >= 8 * NV);
     let n_rows = if w.len() >= 8 * NV {
@@ -234,6 +235,7 @@ unsafe fn rows_avx2<const NV: usize>(
     } else {
         0
     };
+    let lim = n_rows.min(limit as usize);
     let (yp, wp) = (y.as_mut_ptr(), w.as_ptr());
     // SAFETY (all pointer accesses): y holds 8 NV values (asserted); for a row g < n_rows,
     // g * stride + 8 NV <= w.len()
@@ -241,19 +243,24 @@ unsafe fn rows_avx2<const NV: usize>(
     for (v, a) in acc.iter_mut().enumerate() {
         *a = unsafe { _mm256_loadu_ps(yp.add(8 * v)) };
     }
-    for (&g, &x) in idx.iter().zip(val) {
-        if g as usize >= n_rows {
-            continue;
+    let m = idx.len().min(val.len());
+    let mut k = 0;
+    while k < m {
+        let g = idx[k] as usize;
+        if g >= lim {
+            break;
         }
-        let row = unsafe { wp.add(g as usize * stride) };
-        let b = _mm256_set1_ps(x);
+        let row = unsafe { wp.add(g * stride) };
+        let b = _mm256_set1_ps(val[k]);
         for (v, a) in acc.iter_mut().enumerate() {
             *a = _mm256_fmadd_ps(b, unsafe { _mm256_loadu_ps(row.add(8 * v)) }, *a);
         }
+        k += 1;
     }
     for (v, a) in acc.iter().enumerate() {
         unsafe { _mm256_storeu_ps(yp.add(8 * v), *a) };
     }
+    k
 }
 
 /// Portable form of [`rows_avx2`] for `W` outputs.
@@ -264,52 +271,59 @@ fn rows_portable<const W: usize>(
     stride: usize,
     idx: &[u32],
     val: &[f32],
-) {
+    limit: u32,
+) -> usize {
     let mut acc: [f32; W] = y[..W].try_into().expect("W outputs");
+    let mut k = 0;
     for (&g, &v) in idx.iter().zip(val) {
         let off = g as usize * stride;
-        let Some(row) = w.get(off..off + W) else {
-            continue;
+        let row = match w.get(off..off + W) {
+            Some(r) if g < limit => r,
+            _ => break,
         };
         for (a, &r) in acc.iter_mut().zip(row) {
             *a += v * r;
         }
+        k += 1;
     }
     y[..W].copy_from_slice(&acc);
+    k
 }
 
-/// `y += sum_k val_k * w[idx_k, :]`, `w` row-major with rows of `y.len()` values (a multiple
-/// of 16; outputs past the last multiple of 16 are left alone), in column panels of 64
-/// outputs (8 AVX2 registers of accumulators: enough independent FMA chains, and room for
-/// the broadcast value).
-fn rows_acc(y: &mut [f32], w: &[f32], idx: &[u32], val: &[f32], isa: Isa) {
+/// `y += sum_k val_k * w[idx_k, :]` over the leading non-zeros with `idx_k < limit`
+/// (increasing indices: one gene chunk of a cell); returns how many that is. `w` is
+/// row-major with rows of `y.len()` values (a multiple of 16; outputs past the last multiple
+/// of 16 are left alone). Column panels of 64 outputs: 8 AVX2 registers of accumulators,
+/// enough independent FMA chains, and room for the broadcast value.
+fn rows_acc(y: &mut [f32], w: &[f32], idx: &[u32], val: &[f32], limit: u32, isa: Isa) -> usize {
     let stride = y.len();
-    let m = idx.len().min(val.len());
-    let (idx, val) = (&idx[..m], &val[..m]);
+    let mut m = idx.len().min(val.len());
     let mut c0 = 0;
     while c0 + 16 <= stride {
         let nv = ((stride - c0) / 8).min(8);
         let (yc, wc) = (&mut y[c0..], &w[c0.min(w.len())..]);
-        match isa {
+        let (ix, vx) = (&idx[..m], &val[..m]);
+        m = match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: Isa::Avx2 only comes from Isa::detect(), which checked AVX2 and FMA
             Isa::Avx2 => unsafe {
                 match nv {
-                    8 => rows_avx2::<8>(yc, wc, stride, idx, val),
-                    6 => rows_avx2::<6>(yc, wc, stride, idx, val),
-                    4 => rows_avx2::<4>(yc, wc, stride, idx, val),
-                    _ => rows_avx2::<2>(yc, wc, stride, idx, val),
+                    8 => rows_avx2::<8>(yc, wc, stride, ix, vx, limit),
+                    6 => rows_avx2::<6>(yc, wc, stride, ix, vx, limit),
+                    4 => rows_avx2::<4>(yc, wc, stride, ix, vx, limit),
+                    _ => rows_avx2::<2>(yc, wc, stride, ix, vx, limit),
                 }
             },
             _ => match nv {
-                8 => rows_portable::<64>(yc, wc, stride, idx, val),
-                6 => rows_portable::<48>(yc, wc, stride, idx, val),
-                4 => rows_portable::<32>(yc, wc, stride, idx, val),
-                _ => rows_portable::<16>(yc, wc, stride, idx, val),
+                8 => rows_portable::<64>(yc, wc, stride, ix, vx, limit),
+                6 => rows_portable::<48>(yc, wc, stride, ix, vx, limit),
+                4 => rows_portable::<32>(yc, wc, stride, ix, vx, limit),
+                _ => rows_portable::<16>(yc, wc, stride, ix, vx, limit),
             },
-        }
+        };
         c0 += 8 * (nv & !1);
     }
+    m
 }
 
 /// Transformed non-zeros of one CSC column, 8 values at a time: whole counts in
@@ -403,8 +417,10 @@ pub(crate) fn panels(wt: &[f32], n_genes: usize, n_out: usize) -> Vec<f32> {
 struct Scratch {
     /// the block's transformed non-zero counts, cell after cell
     nz: Nz,
-    /// per cell, where its gene chunks start in `nz` and where the last one ends
-    bounds: Vec<usize>,
+    /// cell `k`'s non-zeros are `nz[starts[k]..starts[k + 1]]`
+    starts: Vec<usize>,
+    /// per cell, its first non-zero not yet in the first layer
+    cursor: Vec<usize>,
     /// the gene part of the first layer, `n x stride`
     acc: Vec<f32>,
     y: Vec<f64>,
@@ -947,9 +963,8 @@ impl ScviEncoder {
     }
 
     /// The transformed non-zero counts `(gene, log1p(x))` of cells `first..first + n`,
-    /// cell after cell with genes increasing, into `nz`, checking the values and row indices
-    /// on the way; `bounds` gets, per cell, where its [`GENE_CHUNK`]s start and where the
-    /// last one ends (`n_chunks + 1` positions).
+    /// cell after cell with genes increasing, into `nz` (cell `k` at
+    /// `starts[k]..starts[k + 1]`), checking the values and row indices on the way.
     fn block_nonzeros(
         &self,
         counts: &ExprMatrix,
@@ -957,10 +972,11 @@ impl ScviEncoder {
         n: usize,
         isa: Isa,
         nz: &mut Nz,
-        bounds: &mut Vec<usize>,
+        starts: &mut Vec<usize>,
     ) -> BlockFlags {
         nz.clear();
-        bounds.clear();
+        starts.clear();
+        starts.push(0);
         let (mut frac, mut bad) = (false, false);
         let ng = self.n_genes as u32;
         for j in first..first + n {
@@ -1014,15 +1030,7 @@ impl ScviEncoder {
                     }
                 }
             }
-            // where each gene chunk of the cell starts, found while the cell is in L1
-            let cell = &nz.idx[a..];
-            bounds.push(a);
-            let mut lo = 0;
-            for g1 in (GENE_CHUNK..self.n_genes).step_by(GENE_CHUNK) {
-                lo += cell[lo..].partition_point(|&g| (g as usize) < g1);
-                bounds.push(a + lo);
-            }
-            bounds.push(nz.len());
+            starts.push(nz.len());
         }
         BlockFlags {
             invalid: bad,
@@ -1043,32 +1051,37 @@ impl ScviEncoder {
         s: &mut Scratch,
         out: &mut [f64],
     ) -> BlockFlags {
-        let flags = self.block_nonzeros(counts, first, n, isa, &mut s.nz, &mut s.bounds);
+        let flags = self.block_nonzeros(counts, first, n, isa, &mut s.nz, &mut s.starts);
         if flags.invalid {
             return flags;
         }
         let Scratch {
             nz,
-            bounds,
+            starts,
+            cursor,
             acc,
             y,
             y2,
             hnz,
             a1,
         } = s;
-        // the gene part of the first layer, gene chunk by gene chunk over the whole block
+        // the gene part of the first layer, gene chunk by gene chunk over the block: each
+        // cell's non-zeros of the chunk run from its cursor up to the first gene past it
         let l0 = &self.layers[0];
         let s0 = l0.stride;
         acc.clear();
         acc.resize(n * s0, 0.0);
-        let n_chunks = self.n_genes.div_ceil(GENE_CHUNK).max(1);
-        for c in 0..n_chunks {
-            for (b, yk) in bounds
-                .chunks_exact(n_chunks + 1)
+        cursor.clear();
+        cursor.extend_from_slice(&starts[..n]);
+        for g0 in (0..self.n_genes).step_by(GENE_CHUNK) {
+            let g1 = (g0 + GENE_CHUNK).min(self.n_genes) as u32;
+            for ((c, &end), yk) in cursor
+                .iter_mut()
+                .zip(&starts[1..])
                 .zip(acc.chunks_exact_mut(s0))
             {
-                let r = b[c]..b[c + 1];
-                rows_acc(yk, &l0.wt32, &nz.idx[r.clone()], &nz.val[r], isa);
+                let r = *c..end;
+                *c += rows_acc(yk, &l0.wt32, &nz.idx[r.clone()], &nz.val[r], g1, isa);
             }
         }
         let max_h = self
@@ -1098,7 +1111,7 @@ impl ScviEncoder {
                 hidden_nonzeros(x, hnz);
                 a1.clear();
                 a1.resize(layer.stride, 0.0);
-                rows_acc(a1, &layer.wt32, &hnz.idx, &hnz.val, isa);
+                rows_acc(a1, &layer.wt32, &hnz.idx, &hnz.val, u32::MAX, isa);
                 let h = &mut y2[..layer.linear.n_out];
                 for ((o, &b), &a) in h.iter_mut().zip(&layer.linear.b).zip(a1.iter()) {
                     *o = b + a as f64;
@@ -1109,7 +1122,7 @@ impl ScviEncoder {
             hidden_nonzeros(&y[..self.mean.n_in], hnz);
             a1.clear();
             a1.resize(self.head_stride, 0.0);
-            rows_acc(a1, &self.head32, &hnz.idx, &hnz.val, isa);
+            rows_acc(a1, &self.head32, &hnz.idx, &hnz.val, u32::MAX, isa);
             for ((o, &b), &a) in o.iter_mut().zip(&self.head_b).zip(a1.iter()) {
                 *o = b + a as f64;
             }
@@ -1358,9 +1371,9 @@ mod kernel_tests {
         x[15] = 1e6; // beyond the table
         let run = |x: &[f64], i: &[i32], isa: Isa| {
             let m = CscView::new(n_genes, 5, &p, i, x).unwrap();
-            let (mut nz, mut bounds) = (Nz::default(), Vec::new());
-            let f = enc.block_nonzeros(&ExprMatrix::Csc(m), 0, 5, isa, &mut nz, &mut bounds);
-            (nz.idx, nz.val, bounds, f.invalid, f.non_integer)
+            let (mut nz, mut starts) = (Nz::default(), Vec::new());
+            let f = enc.block_nonzeros(&ExprMatrix::Csc(m), 0, 5, isa, &mut nz, &mut starts);
+            (nz.idx, nz.val, starts, f.invalid, f.non_integer)
         };
         let want = run(&x, &i, Isa::Plain);
         assert!(!want.3 && want.4);
@@ -1404,7 +1417,8 @@ mod kernel_tests {
     }
 
     /// The row kernels against a plain f64 sum, for widths with each panel remainder and
-    /// more than one 64-wide panel; rows past the end of the weights are skipped.
+    /// more than one 64-wide panel; they stop at the first index at or past `limit` or
+    /// past the end of the weights and say how many non-zeros they took.
     #[test]
     fn row_kernels_equal_a_plain_sum() {
         let n_rows = 57;
@@ -1414,19 +1428,28 @@ mod kernel_tests {
                 .collect();
             let mut idx: Vec<u32> = (0..n_rows as u32).filter(|g| g % 3 != 1).collect();
             let mut val: Vec<f32> = idx.iter().map(|&g| (g as f32 + 1.0).ln()).collect();
-            let mut want = vec![0.5f64; stride];
-            for (&g, &v) in idx.iter().zip(&val) {
-                for (o, &r) in want.iter_mut().zip(&w[g as usize * stride..]) {
-                    *o += v as f64 * r as f64;
+            let want = |limit: u32| {
+                let mut y = vec![0.5f64; stride];
+                for (&g, &v) in idx.iter().zip(&val).take_while(|e| *e.0 < limit) {
+                    for (o, &r) in y.iter_mut().zip(&w[g as usize * stride..]) {
+                        *o += v as f64 * r as f64;
+                    }
                 }
-            }
+                y
+            };
+            let (all, head) = (want(u32::MAX), want(30));
+            let n_head = idx.iter().filter(|&&g| g < 30).count();
             idx.push(n_rows as u32 + 3);
             val.push(1.0);
             for isa in isas() {
-                let mut y = vec![0.5f32; stride];
-                rows_acc(&mut y, &w, &idx, &val, isa);
-                for (a, b) in y.iter().zip(&want) {
-                    assert!((*a as f64 - b).abs() < 1e-4, "{isa:?} {stride}: {a} vs {b}");
+                for (limit, want, n_want) in [(u32::MAX, &all, idx.len() - 1), (30, &head, n_head)]
+                {
+                    let mut y = vec![0.5f32; stride];
+                    let n = rows_acc(&mut y, &w, &idx, &val, limit, isa);
+                    assert_eq!(n, n_want, "{isa:?} {stride} {limit}");
+                    for (a, b) in y.iter().zip(want) {
+                        assert!((*a as f64 - b).abs() < 1e-4, "{isa:?} {stride}: {a} vs {b}");
+                    }
                 }
             }
         }
