@@ -326,9 +326,10 @@ fn rows_acc(y: &mut [f32], w: &[f32], idx: &[u32], val: &[f32], limit: u32, isa:
     m
 }
 
-/// Transformed non-zeros of one CSC column, 8 values at a time: whole counts in
-/// `1..LOG_TABLE` at increasing, in-range rows take the table; any other group of 8 goes
-/// through `scalar` (which also sets the flags). `prev`: the row before the column (-1).
+/// Transformed non-zeros of one CSC column appended to `out`, 8 values at a time: whole
+/// counts in `1..LOG_TABLE` at increasing, in-range rows take the table; any other group of
+/// 8 goes through `scalar` (row, value, previous row), which sets the flags and returns the
+/// transformed value of a non-zero. `prev`: the row before the column (-1).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn csc_col_avx2(
@@ -338,61 +339,78 @@ unsafe fn csc_col_avx2(
     n_genes: u32,
     out: &mut Nz,
     mut prev: i32,
-    scalar: &mut impl FnMut(i32, f64, &mut Nz, &mut i32),
+    scalar: &mut impl FnMut(i32, f64, &mut i32) -> Option<f32>,
 ) {
     use std::arch::x86_64::*;
     assert!(table.len() >= LOG_TABLE);
     let n = rows.len().min(xs.len());
     out.idx.reserve(n);
     out.val.reserve(n);
+    let mut len = out.idx.len();
+    assert!(out.val.len() == len);
+    let (ip, vp) = (out.idx.as_mut_ptr(), out.val.as_mut_ptr());
     let zero = _mm256_setzero_si256();
     let top = _mm256_set1_epi32(LOG_TABLE as i32);
     let ngv = _mm256_set1_epi32(n_genes.min(i32::MAX as u32) as i32);
     let minus1 = _mm256_set1_epi32(-1);
     let rot = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
     let mut k = 0;
+    // SAFETY (all pointer accesses): k + 8 <= n values in both input slices; the writes go
+    // to reserved capacity (n entries past the length at entry, at most one per input);
+    // the gather reads table[1..LOG_TABLE) only (the lanes are checked first)
     while k + 8 <= n {
-        // SAFETY: k + 8 <= n values in both slices; the stores go to reserved capacity
-        // (n more than the length at entry, at most one entry per input); the gather reads
-        // table[1..LOG_TABLE) only (the lanes are checked first)
-        unsafe {
-            let x0 = _mm256_loadu_pd(xs.as_ptr().add(k));
-            let x1 = _mm256_loadu_pd(xs.as_ptr().add(k + 4));
-            let (k0, k1) = (_mm256_cvttpd_epi32(x0), _mm256_cvttpd_epi32(x1));
-            let whole = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_EQ_OQ>(_mm256_cvtepi32_pd(k0), x0))
-                | (_mm256_movemask_pd(_mm256_cmp_pd::<_CMP_EQ_OQ>(_mm256_cvtepi32_pd(k1), x1))
-                    << 4);
-            let kv = _mm256_set_m128i(k1, k0);
-            let gv = _mm256_loadu_si256(rows.as_ptr().add(k) as *const __m256i);
-            let before = _mm256_blend_epi32::<1>(
-                _mm256_permutevar8x32_epi32(gv, rot),
-                _mm256_set1_epi32(prev),
-            );
-            let ok = _mm256_and_si256(
-                _mm256_and_si256(_mm256_cmpgt_epi32(kv, zero), _mm256_cmpgt_epi32(top, kv)),
-                _mm256_and_si256(
-                    _mm256_and_si256(_mm256_cmpgt_epi32(gv, minus1), _mm256_cmpgt_epi32(ngv, gv)),
-                    _mm256_cmpgt_epi32(gv, before),
-                ),
-            );
-            if whole & _mm256_movemask_ps(_mm256_castsi256_ps(ok)) == 0xff {
-                let t = _mm256_i32gather_ps::<4>(table.as_ptr(), kv);
-                let len = out.idx.len();
-                _mm256_storeu_si256(out.idx.as_mut_ptr().add(len) as *mut __m256i, gv);
-                _mm256_storeu_ps(out.val.as_mut_ptr().add(len), t);
-                out.idx.set_len(len + 8);
-                out.val.set_len(len + 8);
-                prev = rows[k + 7];
-            } else {
-                for q in k..k + 8 {
-                    scalar(rows[q], xs[q], out, &mut prev);
+        let x0 = unsafe { _mm256_loadu_pd(xs.as_ptr().add(k)) };
+        let x1 = unsafe { _mm256_loadu_pd(xs.as_ptr().add(k + 4)) };
+        let (k0, k1) = (_mm256_cvttpd_epi32(x0), _mm256_cvttpd_epi32(x1));
+        let whole = _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_EQ_OQ>(_mm256_cvtepi32_pd(k0), x0))
+            | (_mm256_movemask_pd(_mm256_cmp_pd::<_CMP_EQ_OQ>(_mm256_cvtepi32_pd(k1), x1)) << 4);
+        let kv = _mm256_set_m128i(k1, k0);
+        let gv = unsafe { _mm256_loadu_si256(rows.as_ptr().add(k) as *const __m256i) };
+        let before = _mm256_blend_epi32::<1>(
+            _mm256_permutevar8x32_epi32(gv, rot),
+            _mm256_set1_epi32(prev),
+        );
+        let ok = _mm256_and_si256(
+            _mm256_and_si256(_mm256_cmpgt_epi32(kv, zero), _mm256_cmpgt_epi32(top, kv)),
+            _mm256_and_si256(
+                _mm256_and_si256(_mm256_cmpgt_epi32(gv, minus1), _mm256_cmpgt_epi32(ngv, gv)),
+                _mm256_cmpgt_epi32(gv, before),
+            ),
+        );
+        if whole & _mm256_movemask_ps(_mm256_castsi256_ps(ok)) == 0xff {
+            let t = unsafe { _mm256_i32gather_ps::<4>(table.as_ptr(), kv) };
+            unsafe {
+                _mm256_storeu_si256(ip.add(len) as *mut __m256i, gv);
+                _mm256_storeu_ps(vp.add(len), t);
+            }
+            len += 8;
+            prev = rows[k + 7];
+        } else {
+            for q in k..k + 8 {
+                if let Some(t) = scalar(rows[q], xs[q], &mut prev) {
+                    unsafe {
+                        *ip.add(len) = rows[q] as u32;
+                        *vp.add(len) = t;
+                    }
+                    len += 1;
                 }
             }
         }
         k += 8;
     }
     for q in k..n {
-        scalar(rows[q], xs[q], out, &mut prev);
+        if let Some(t) = scalar(rows[q], xs[q], &mut prev) {
+            unsafe {
+                *ip.add(len) = rows[q] as u32;
+                *vp.add(len) = t;
+            }
+            len += 1;
+        }
+    }
+    // SAFETY: entries up to `len` were written above, within the reserved capacity
+    unsafe {
+        out.idx.set_len(len);
+        out.val.set_len(len);
     }
 }
 
@@ -985,13 +1003,11 @@ impl ScviEncoder {
                 ExprMatrix::Csc(m) => {
                     let (rows, xs) = m.col(j);
                     let mut sorted = true;
-                    let mut scalar = |g: i32, v: f64, out: &mut Nz, prev: &mut i32| {
+                    let mut scalar = |g: i32, v: f64, prev: &mut i32| {
                         bad |= g as u32 >= ng;
                         sorted &= g > *prev;
                         *prev = g;
-                        if v != 0.0 {
-                            out.push(g as u32, self.transform(v, &mut frac, &mut bad));
-                        }
+                        (v != 0.0).then(|| self.transform(v, &mut frac, &mut bad))
                     };
                     match isa {
                         #[cfg(target_arch = "x86_64")]
@@ -1005,7 +1021,9 @@ impl ScviEncoder {
                         _ => {
                             let mut prev = -1;
                             for (&g, &v) in rows.iter().zip(xs) {
-                                scalar(g, v, nz, &mut prev);
+                                if let Some(t) = scalar(g, v, &mut prev) {
+                                    nz.push(g as u32, t);
+                                }
                             }
                         }
                     }
