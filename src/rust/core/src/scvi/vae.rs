@@ -126,7 +126,7 @@ struct FcLayer {
     takes_covariates: bool,
     /// `linear.wt` in f32 for the hot loop (f32 as in torch; sums accumulate in f32), rows
     /// padded with zeros to `stride` (a multiple of 16) outputs
-    wt32: Vec<f32>,
+    wt32: Aligned,
     stride: usize,
 }
 
@@ -146,9 +146,44 @@ pub struct ScviEncoder {
     mean: Linear,
     /// the mean and var heads side by side in f32 (`n_hidden x head_stride`, columns
     /// `[mean | var | 0...]`) and their biases `[mean | var]`
-    head32: Vec<f32>,
+    head32: Aligned,
     head_stride: usize,
     head_b: Vec<f64>,
+}
+
+/// f32 values starting on a 64-byte boundary, so that the 64-byte weight panels of the row
+/// kernel never straddle cache lines (malloc's large blocks start 16 bytes into a page).
+#[derive(Debug)]
+struct Aligned {
+    buf: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(v: &[f32]) -> Self {
+        let mut buf = vec![0.0f32; v.len() + 16];
+        let off = buf.as_ptr().align_offset(64).min(16);
+        buf[off..off + v.len()].copy_from_slice(v);
+        Aligned {
+            buf,
+            off,
+            len: v.len(),
+        }
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl Clone for Aligned {
+    fn clone(&self) -> Self {
+        Aligned::new(self)
+    }
 }
 
 /// `n` rounded up to a multiple of 16 (two AVX2 vectors of f32).
@@ -668,7 +703,7 @@ impl ScviEncoder {
                 None
             };
             let stride = pad16(linear.n_out);
-            let wt32 = padded32(&linear.wt, linear.n_out, stride);
+            let wt32 = Aligned::new(&padded32(&linear.wt, linear.n_out, stride));
             layers.push(FcLayer {
                 linear,
                 batch_norm,
@@ -749,7 +784,7 @@ impl ScviEncoder {
             layers,
             log_table,
             mean,
-            head32,
+            head32: Aligned::new(&head32),
             head_stride,
             head_b,
         }
@@ -1222,7 +1257,7 @@ mod kernel_tests {
         let n = linear.n_out;
         let stride = pad16(n);
         FcLayer {
-            wt32: padded32(&linear.wt, n, stride),
+            wt32: Aligned::new(&padded32(&linear.wt, n, stride)),
             stride,
             batch_norm: batch_norm.then(|| BatchNorm {
                 scale: (0..n).map(|k| 0.5 + (k % 5) as f64 / 10.0).collect(),
