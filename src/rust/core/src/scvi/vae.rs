@@ -13,8 +13,9 @@
 //! activation steps in f64. Cells are processed in parallel blocks (rayon; use
 //! [`crate::threads::with_threads`]); within a block the first layer is a sparse x dense
 //! product that walks only the non-zero counts, gene chunk by gene chunk so that a
-//! cache-sized piece of the weights serves every cell of the block, with an AVX2 kernel
-//! that keeps 64 outputs in registers (portable fallback). The count checks
+//! cache-sized piece of the weights (column panels stored one after the other) serves every
+//! cell of the block, with an AVX2 kernel that keeps 64 outputs in registers (portable
+//! fallback). The count checks
 //! and the `log1p` transform are one pass over the block's values.
 
 use super::model_file::{ScviModelFile, Tensor};
@@ -29,8 +30,8 @@ const VAR_EPS: f64 = 1e-4;
 const LOG_TABLE: usize = 4096;
 /// outputs per weight panel of the blocked first layer (the register block of the kernel)
 pub(crate) const PANEL: usize = 32;
-/// genes per chunk of the blocked first layer: 128 weight rows of 128 f32 = 64 KiB, a
-/// 64-output panel of them 32 KiB (L1 / L2; 128 measured best among 64..1024)
+/// genes per chunk of the blocked first layer: a 64-output panel of 128 weight rows is 32
+/// KiB, contiguous (L1 / L2; 128 measured best among 64..1024)
 const GENE_CHUNK: usize = 128;
 /// cells encoded together within a parallel work unit: their non-zeros (~300 KiB at 4,000
 /// genes and 30 % density) stay in L2 while the gene chunks pass over them
@@ -144,6 +145,10 @@ pub struct ScviEncoder {
     /// `log1p(k)` (or `k` without log_variational) for whole counts `k < LOG_TABLE`
     log_table: Vec<f32>,
     mean: Linear,
+    /// the gene rows of the first layer's f32 weights cut into column panels
+    /// ([`panel_major`]): one gene chunk of a panel is contiguous (layer 0 keeps no
+    /// row-major `wt32`)
+    first32: Aligned,
     /// the mean and var heads side by side in f32 (`n_hidden x head_stride`, columns
     /// `[mean | var | 0...]`) and their biases `[mean | var]`
     head32: Aligned,
@@ -325,40 +330,83 @@ fn rows_portable<const W: usize>(
     k
 }
 
+/// Outputs per column panel of the row kernels: 8 AVX2 registers of accumulators, enough
+/// independent FMA chains, and room for the broadcast value.
+const KPANEL: usize = 64;
+
+/// One column panel: `y[..width] += sum_k val_k * w[idx_k * stride..][..width]` over the
+/// leading non-zeros with `idx_k < limit`; returns how many that is. `w` starts at the
+/// panel's first column; `width` is 16, 32, 48 or 64.
+#[allow(clippy::too_many_arguments)]
+fn panel_acc(
+    y: &mut [f32],
+    w: &[f32],
+    stride: usize,
+    width: usize,
+    idx: &[u32],
+    val: &[f32],
+    limit: u32,
+    isa: Isa,
+) -> usize {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::Avx2 only comes from Isa::detect(), which checked AVX2 and FMA
+        Isa::Avx2 => unsafe {
+            match width {
+                64 => rows_avx2::<8>(y, w, stride, idx, val, limit),
+                48 => rows_avx2::<6>(y, w, stride, idx, val, limit),
+                32 => rows_avx2::<4>(y, w, stride, idx, val, limit),
+                _ => rows_avx2::<2>(y, w, stride, idx, val, limit),
+            }
+        },
+        _ => match width {
+            64 => rows_portable::<64>(y, w, stride, idx, val, limit),
+            48 => rows_portable::<48>(y, w, stride, idx, val, limit),
+            32 => rows_portable::<32>(y, w, stride, idx, val, limit),
+            _ => rows_portable::<16>(y, w, stride, idx, val, limit),
+        },
+    }
+}
+
+/// The widths of the column panels of `stride` outputs (a multiple of 16).
+fn panel_widths(stride: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..stride / 16 * 16)
+        .step_by(KPANEL)
+        .map(move |c0| (c0, (stride / 16 * 16 - c0).min(KPANEL)))
+}
+
 /// `y += sum_k val_k * w[idx_k, :]` over the leading non-zeros with `idx_k < limit`
-/// (increasing indices: one gene chunk of a cell); returns how many that is. `w` is
-/// row-major with rows of `y.len()` values (a multiple of 16; outputs past the last multiple
-/// of 16 are left alone). Column panels of 64 outputs: 8 AVX2 registers of accumulators,
-/// enough independent FMA chains, and room for the broadcast value.
+/// (increasing indices); returns how many that is. `w` is row-major with rows of `y.len()`
+/// values (a multiple of 16; outputs past the last multiple of 16 are left alone).
 fn rows_acc(y: &mut [f32], w: &[f32], idx: &[u32], val: &[f32], limit: u32, isa: Isa) -> usize {
     let stride = y.len();
     let mut m = idx.len().min(val.len());
-    let mut c0 = 0;
-    while c0 + 16 <= stride {
-        let nv = ((stride - c0) / 8).min(8);
-        let (yc, wc) = (&mut y[c0..], &w[c0.min(w.len())..]);
-        let (ix, vx) = (&idx[..m], &val[..m]);
-        m = match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: Isa::Avx2 only comes from Isa::detect(), which checked AVX2 and FMA
-            Isa::Avx2 => unsafe {
-                match nv {
-                    8 => rows_avx2::<8>(yc, wc, stride, ix, vx, limit),
-                    6 => rows_avx2::<6>(yc, wc, stride, ix, vx, limit),
-                    4 => rows_avx2::<4>(yc, wc, stride, ix, vx, limit),
-                    _ => rows_avx2::<2>(yc, wc, stride, ix, vx, limit),
-                }
-            },
-            _ => match nv {
-                8 => rows_portable::<64>(yc, wc, stride, ix, vx, limit),
-                6 => rows_portable::<48>(yc, wc, stride, ix, vx, limit),
-                4 => rows_portable::<32>(yc, wc, stride, ix, vx, limit),
-                _ => rows_portable::<16>(yc, wc, stride, ix, vx, limit),
-            },
-        };
-        c0 += 8 * (nv & !1);
+    for (c0, width) in panel_widths(stride) {
+        let wc = &w[c0.min(w.len())..];
+        m = panel_acc(
+            &mut y[c0..],
+            wc,
+            stride,
+            width,
+            &idx[..m],
+            &val[..m],
+            limit,
+            isa,
+        );
     }
     m
+}
+
+/// Row-major `rows x stride` weights cut into column panels ([`panel_widths`]), each
+/// `rows x width` row-major, one after the other: panel `p` starts at `p * KPANEL * rows`.
+fn panel_major(w: &[f32], rows: usize, stride: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(rows * stride);
+    for (c0, width) in panel_widths(stride) {
+        for r in w.chunks_exact(stride).take(rows) {
+            v.extend_from_slice(&r[c0..c0 + width]);
+        }
+    }
+    v
 }
 
 /// Transformed non-zeros of one CSC column appended to `out`, 8 values at a time: whole
@@ -474,6 +522,8 @@ struct Scratch {
     starts: Vec<usize>,
     /// per cell, its first non-zero not yet in the first layer
     cursor: Vec<usize>,
+    /// per cell, how many non-zeros the current gene chunk has
+    taken: Vec<usize>,
     /// the gene part of the first layer, `n x stride`
     acc: Vec<f32>,
     y: Vec<f64>,
@@ -776,6 +826,15 @@ impl ScviEncoder {
             }
         }
         let head_b = mean.b.iter().chain(&var.b).copied().collect();
+        let mut layers = layers;
+        let first32 = match layers.first_mut() {
+            Some(l0) => {
+                let p = panel_major(&l0.wt32, n_genes, l0.stride);
+                l0.wt32 = Aligned::new(&[]);
+                Aligned::new(&p)
+            }
+            None => Aligned::new(&[]),
+        };
         ScviEncoder {
             n_genes,
             log_variational,
@@ -784,6 +843,7 @@ impl ScviEncoder {
             layers,
             log_table,
             mean,
+            first32,
             head32: Aligned::new(&head32),
             head_stride,
             head_b,
@@ -1112,6 +1172,7 @@ impl ScviEncoder {
             nz,
             starts,
             cursor,
+            taken,
             acc,
             y,
             y2,
@@ -1126,15 +1187,30 @@ impl ScviEncoder {
         acc.resize(n * s0, 0.0);
         cursor.clear();
         cursor.extend_from_slice(&starts[..n]);
-        for g0 in (0..self.n_genes).step_by(GENE_CHUNK) {
-            let g1 = (g0 + GENE_CHUNK).min(self.n_genes) as u32;
-            for ((c, &end), yk) in cursor
-                .iter_mut()
-                .zip(&starts[1..])
-                .zip(acc.chunks_exact_mut(s0))
-            {
-                let r = *c..end;
-                *c += rows_acc(yk, &l0.wt32, &nz.idx[r.clone()], &nz.val[r], g1, isa);
+        taken.resize(n, 0);
+        let ng = self.n_genes;
+        for g0 in (0..ng).step_by(GENE_CHUNK) {
+            let g1 = (g0 + GENE_CHUNK).min(ng) as u32;
+            for (pi, (c0, width)) in panel_widths(s0).enumerate() {
+                // panel p of the weights: rows of `width` at p * KPANEL * n_genes = c0 * ng
+                let wp = &self.first32[(c0 * ng).min(self.first32.len())..];
+                for (k, ((&a, &end), t)) in cursor
+                    .iter()
+                    .zip(&starts[1..])
+                    .zip(taken.iter_mut())
+                    .enumerate()
+                {
+                    // the first panel finds where the cell's chunk ends, the others reuse it
+                    let e = if pi == 0 { end } else { a + *t };
+                    let y = &mut acc[k * s0 + c0..];
+                    let got = panel_acc(y, wp, width, width, &nz.idx[a..e], &nz.val[a..e], g1, isa);
+                    if pi == 0 {
+                        *t = got;
+                    }
+                }
+            }
+            for (c, &t) in cursor.iter_mut().zip(taken.iter()) {
+                *c += t;
             }
         }
         let max_h = self
