@@ -57,4 +57,12 @@ if (!is.na(t_peer)) {
 } else {
   cat("RATIO scvi_latent: peer not run\n")
 }
+keep <- Sys.getenv("SCANNOT_BENCH_KEEP", "")
+if (nzchar(keep)) {
+  # for profiling without R: src/rust/core/examples/scvi_latent_speed.rs reads this folder
+  writeLines(as.character(match(qbatch, model$batch_levels) - 1L), file.path(dir, "query_codes.txt"))
+  dir.create(keep, showWarnings = FALSE, recursive = TRUE)
+  file.copy(list.files(dir, full.names = TRUE), keep, recursive = TRUE)
+  cat("kept the data in ", keep, "\n", sep = "")
+}
 unlink(dir, recursive = TRUE)

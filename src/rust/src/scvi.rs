@@ -168,10 +168,10 @@ fn rs_scvi_latent(
             .ok()
             .filter(|&b| b > 0)
             .ok_or_else(|| ScError::Input("batch_size must be a whole number >= 1".into()))?;
-        // scVI takes raw counts: flag non-whole values (normalised data) for a warning
-        let non_integer = x.iter().any(|v| v.fract() != 0.0);
+        // scVI takes raw counts: non-whole values (normalised data) are flagged for a
+        // warning by the pass that transforms the counts
         let enc = &h.encoder;
-        let out = threads(n_threads, || enc.latent_blocked(&m, &cov, block))??;
+        let (out, non_integer) = threads(n_threads, || enc.latent_counts(&m, &cov, block))??;
         Ok(list!(
             mean = out.mean,
             var = out.var,
