@@ -17,7 +17,13 @@
 #' Supported models: scArches settings (`use_batch_norm = "none"`, `use_layer_norm = "both"`,
 #' `encode_covariates = TRUE`) and scvi-tools' defaults (batch norm in encoder and decoder)
 #' or any other batch / layer norm choice, gene dispersion, ZINB or NB likelihood, observed
-#' library size, one-hot batch, no extra covariates. Others give a `scannot_error_input`.
+#' library size, one-hot batch. Extra categorical and continuous covariates
+#' (`categorical_covariate_keys` / `continuous_covariate_keys`) are read from the cell
+#' metadata (or `obs`) under the reference's names; as in scvi-tools, the one-hot columns of
+#' every categorical covariate train too (new levels appended sorted), the continuous
+#' covariates' weights stay frozen, and the columns of the new levels are appended after all
+#' of the reference's columns (`load_query_data` pads each weight at its end). Saving
+#' (`save_dir`) such a query model is not supported yet. Others give a `scannot_error_input`.
 #' As in scvi-tools 1.4.2 (whose query module stays in eval mode during `train()`), batch
 #' norm uses the reference's running statistics throughout; the decoder's batch-norm weight
 #' and bias train (`freeze_batchnorm_decoder = FALSE`), the encoder's are frozen. Without
@@ -212,7 +218,10 @@ scvi_map_query_run <- function(object, model, batch_key, assay, layer, obs, max_
   }
   a <- matrix_args(q$x)
   r <- rs_call(rs_scvi_map_query(model$path, a$p, a$i, a$x, a$nrow, a$ncol, a$dense,
-                                 q$batch, as.character(q$new_levels), epochs, batch_size,
+                                 q$batch, as.character(q$new_levels),
+                                 unname(lapply(q$categorical, function(c) as.integer(c$codes))),
+                                 as.integer(vapply(q$categorical, function(c) length(c$new_levels), 1L)),
+                                 unname(lapply(q$continuous, as.double)), epochs, batch_size,
                                  train_size, lr, weight_decay, warmup, early_stopping,
                                  patience, freeze_dropout, seed, n_threads, cb,
                                  save_dir %||% ""),

@@ -50,7 +50,9 @@ fn history_columns(h: &[scannot_core::scvi::EpochStats]) -> Vec<(String, Vec<f64
 
 /// scArches query training of an SCVI model and the query latent.
 /// `batch`: 0-based codes in the query model's batch order (reference levels, then the
-/// new levels `new_levels`). `max_epochs` < 1: scvi's heuristic. `progress`: NULL or an R
+/// new levels `new_levels`). `cats`: list per extra categorical covariate (model order) of
+/// 0-based codes (reference levels, then `n_new_cats[k]` new ones); `conts`: list per extra
+/// continuous covariate of double vectors. `max_epochs` < 1: scvi's heuristic. `progress`: NULL or an R
 /// function(epoch, elbo_train, elbo_validation) called after every epoch. `save_dir`: ""
 /// or the folder to write the query model's `model.pt` into (scvi-tools' layout).
 /// @noRd
@@ -66,6 +68,9 @@ fn rs_scvi_map_query(
     dense: bool,
     batch: &[i32],
     new_levels: Strings,
+    cats: List,
+    n_new_cats: &[i32],
+    conts: List,
     max_epochs: i32,
     batch_size: i32,
     train_size: f64,
@@ -98,13 +103,45 @@ fn rs_scvi_map_query(
         } else {
             0
         };
-        let mut s = SurgeryModel::from_model(&m, n_new, seed)?;
+        let cats: Vec<Vec<u32>> = cats
+            .values()
+            .map(|v| {
+                v.as_integer_slice()
+                    .filter(|c| c.iter().all(|&b| b >= 0))
+                    .map(|c| c.iter().map(|&b| b as u32).collect())
+                    .ok_or_else(|| {
+                        ScError::Input(
+                            "categorical covariate codes must be integers >= 0 (no NA)".into(),
+                        )
+                    })
+            })
+            .collect::<ScResult<_>>()?;
+        let conts: Vec<Vec<f64>> = conts
+            .values()
+            .map(|v| {
+                v.as_real_slice().map(|c| c.to_vec()).ok_or_else(|| {
+                    ScError::Input("continuous covariates must be double vectors".into())
+                })
+            })
+            .collect::<ScResult<_>>()?;
+        let n_new_cats: Vec<usize> = n_new_cats.iter().map(|&k| k.max(0) as usize).collect();
+        if !save_dir.is_empty()
+            && (!m.extra_categorical.is_empty() || !m.extra_continuous.is_empty())
+        {
+            return Err(ScError::Input(
+                "saving the query model of a reference with extra categorical or continuous \
+                 covariates is not supported yet; call without `save_dir` (the latent is \
+                 returned)"
+                    .into(),
+            ));
+        }
+        let mut s = SurgeryModel::from_model_covs(&m, n_new, &n_new_cats, seed)?;
         let counts = expr_matrix(p, i, x, nrow, ncol, dense)?;
         if batch.iter().any(|&b| b < 0) {
             return Err(ScError::Input("batch codes must be >= 0 (no NA)".into()));
         }
         let codes: Vec<u32> = batch.iter().map(|&b| b as u32).collect();
-        let data = s.prepare(&counts, &codes)?;
+        let data = s.prepare_covs(&counts, &codes, &cats, &conts)?;
         let threads = if n_threads > 0 {
             n_threads as usize
         } else {

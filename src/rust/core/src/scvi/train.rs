@@ -73,6 +73,9 @@ struct Layer {
     b: Vec<f32>,
     /// `n_cov x n_out`: the covariate columns, one row per one-hot column (empty if none)
     wc: Vec<f32>,
+    /// `n_out x n_x`: frozen feature columns after the `n_in` ones, fed separately (the
+    /// continuous covariates of the first encoder layer; empty if none)
+    wx: Vec<f32>,
     /// the BatchNorm1d after the Linear (`use_batch_norm`), if any
     bn: Option<BatchNorm>,
 }
@@ -177,10 +180,12 @@ impl Layer {
     /// Read `<base>.weight` / `<base>.bias` with `n_in` feature columns, then `n_cov_old`
     /// covariate columns, and append `n_new` freshly initialised covariate columns
     /// (torch's default Linear init `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` of the enlarged layer).
+    #[allow(clippy::too_many_arguments)]
     fn read(
         m: &ScviModelFile,
         base: &str,
         n_in: usize,
+        n_x: usize,
         n_cov_old: usize,
         n_new: usize,
         rng: &mut ChaCha8Rng,
@@ -189,22 +194,25 @@ impl Layer {
         let (ws, w) = tensor_f32(m, &format!("{base}.weight"))?;
         let (bs, b) = tensor_f32(m, &format!("{base}.bias"))?;
         let n_out = ws.first().copied().unwrap_or(0);
-        if ws.len() != 2 || ws[1] != n_in + n_cov_old || bs != [n_out] {
+        if ws.len() != 2 || ws[1] != n_in + n_x + n_cov_old || bs != [n_out] {
             return Err(ScError::Dims(format!(
                 "{base}.weight has shape {ws:?} (bias {bs:?}); expected [{n_out}, {}] from the \
                  model description",
-                n_in + n_cov_old
+                n_in + n_x + n_cov_old
             )));
         }
-        let n_all = n_in + n_cov_old;
+        let n_all = n_in + n_x + n_cov_old;
         let mut wf = vec![0.0f32; n_out * n_in];
+        let mut wx = vec![0.0f32; n_out * n_x];
         let n_cov = n_cov_old + n_new;
         let mut wc = vec![0.0f32; n_cov * n_out];
-        let bound = 1.0 / ((n_in + n_cov) as f32).sqrt();
+        let bound = 1.0 / ((n_in + n_x + n_cov) as f32).sqrt();
         for o in 0..n_out {
             wf[o * n_in..(o + 1) * n_in].copy_from_slice(&w[o * n_all..o * n_all + n_in]);
+            wx[o * n_x..(o + 1) * n_x]
+                .copy_from_slice(&w[o * n_all + n_in..o * n_all + n_in + n_x]);
             for c in 0..n_cov_old {
-                wc[c * n_out + o] = w[o * n_all + n_in + c];
+                wc[c * n_out + o] = w[o * n_all + n_in + n_x + c];
             }
         }
         for c in n_cov_old..n_cov {
@@ -236,6 +244,7 @@ impl Layer {
             panels,
             b,
             wc,
+            wx,
             bn: None,
         })
     }
@@ -244,22 +253,33 @@ impl Layer {
         self.wc.len() / self.n_out.max(1)
     }
 
-    /// `out (rows x n_out) = x (rows x n_in) W^T + b + covariate columns`.
+    /// `out (rows x n_out) = x (rows x n_in) W^T + b + covariate columns`; `codes` holds
+    /// `k` one-hot column indices per row (`rows x k`).
     fn forward(&self, x: &[f32], codes: &[u32], out: &mut [f32]) {
-        let rows = codes.len();
+        let rows = out.len() / self.n_out.max(1);
         for (r, o) in out.chunks_mut(self.n_out).enumerate().take(rows) {
             o.copy_from_slice(&self.b);
-            if !self.wc.is_empty() {
-                let c = codes[r] as usize;
-                for (v, w) in o
-                    .iter_mut()
-                    .zip(&self.wc[c * self.n_out..(c + 1) * self.n_out])
-                {
-                    *v += w;
-                }
-            }
+            self.add_cov(o, codes, r, rows);
         }
         gemm_xwt(rows, self.n_in, self.n_out, x, &self.w, out, 1.0);
+    }
+
+    /// Add the covariate columns of row `r` (of `rows`) to `o`.
+    #[inline]
+    fn add_cov(&self, o: &mut [f32], codes: &[u32], r: usize, rows: usize) {
+        if self.wc.is_empty() || rows == 0 {
+            return;
+        }
+        let k = codes.len() / rows;
+        for &c in &codes[r * k..(r + 1) * k] {
+            let c = c as usize;
+            for (v, w) in o
+                .iter_mut()
+                .zip(&self.wc[c * self.n_out..(c + 1) * self.n_out])
+            {
+                *v += w;
+            }
+        }
     }
 
     /// `dx (rows x n_in) = dy (rows x n_out) W`.
@@ -422,7 +442,12 @@ pub struct QueryData {
     /// non-zeros (constant under the frozen dispersion)
     lgc: Vec<f64>,
     library: Vec<f32>,
-    batch: Vec<u32>,
+    /// per cell, `n_codes` one-hot column indices (batch, then each extra categorical
+    /// covariate with more than one level, offset into the layers' covariate columns)
+    codes: Vec<u32>,
+    n_codes: usize,
+    /// per cell, the continuous covariates (`n_cells x n_cont`)
+    cont: Vec<f32>,
     /// per cell, the end (index into `xin`) of its non-zeros in each block of
     /// [`GENE_CHUNK`] genes (`n_cells x ceil(G / GENE_CHUNK)`): the blocks of the sparse
     /// first encoder layer
@@ -580,6 +605,11 @@ pub struct SurgeryModel {
     n_genes: usize,
     n_latent: usize,
     n_batch: usize,
+    /// levels of each extra categorical covariate (old and appended)
+    cat_levels: Vec<usize>,
+    /// continuous covariates: the first decoder layer's last `n_cont` feature inputs and,
+    /// with encode_covariates, the first encoder layer's `wx`
+    n_cont: usize,
     log_variational: bool,
     enc: Vec<Layer>,
     mean: Layer,
@@ -602,6 +632,22 @@ impl SurgeryModel {
     /// `n_new_batches` new batch levels whose one-hot columns are initialised as torch does
     /// (seeded; the values differ from torch's own draw).
     pub fn from_model(m: &ScviModelFile, n_new_batches: usize, seed: u64) -> ScResult<Self> {
+        Self::from_model_covs(m, n_new_batches, &[], seed)
+    }
+
+    /// [`Self::from_model`] for a model with extra covariates: `n_new_cats[i]` new levels of
+    /// the i-th extra categorical covariate (appended after the reference's, as
+    /// `transfer_fields(extend_categories = True)`). As scvi-tools' `load_query_data`, the
+    /// freshly initialised covariate columns of each layer (new batch and new categorical
+    /// levels together) are appended after all of the reference's columns; the one-hot
+    /// columns are then read positionally (batch, then each categorical covariate). The
+    /// continuous covariates' weights are frozen, all one-hot columns train.
+    pub fn from_model_covs(
+        m: &ScviModelFile,
+        n_new_batches: usize,
+        n_new_cats: &[usize],
+        seed: u64,
+    ) -> ScResult<Self> {
         let p = &m.init;
         if let Some(name) = &m.model_name {
             if name != "SCVI" {
@@ -613,7 +659,7 @@ impl SurgeryModel {
         let unsupported = |what: String| {
             Err(ScError::Input(format!(
                 "query training supports SCVI models with the scArches settings \
-                 (gene dispersion, one-hot batch, no extra covariates); this model has \
+                 (gene dispersion, one-hot batch); this model has \
                  {what}"
             )))
         };
@@ -643,8 +689,13 @@ impl SurgeryModel {
                 p.batch_representation
             ));
         }
-        if !m.extra_categorical.is_empty() || !m.extra_continuous.is_empty() {
-            return unsupported("extra categorical or continuous covariates".into());
+        if n_new_cats.len() != m.extra_categorical.len() {
+            return Err(ScError::Input(format!(
+                "the model has {} extra categorical covariates, {} were given; pass the \
+                 query's categorical covariates (categorical_covariate_keys of the reference)",
+                m.extra_categorical.len(),
+                n_new_cats.len()
+            )));
         }
         if m.setup.size_factor_key.is_some() {
             return unsupported("a size_factor_key".into());
@@ -652,9 +703,23 @@ impl SurgeryModel {
         let g = m.var_names.len();
         let n_batch_old = m.n_batch;
         let n_batch = n_batch_old + n_new_batches;
-        let old_cov = if n_batch_old > 1 { n_batch_old } else { 0 };
-        let new_cov = if n_batch > 1 { n_batch } else { 0 };
+        // one-hot widths as FCLayers has them: a covariate with one level has no column
+        let width = |k: usize| if k > 1 { k } else { 0 };
+        let cat_levels: Vec<usize> = m
+            .extra_categorical
+            .iter()
+            .zip(n_new_cats)
+            .map(|((_, c), &k)| c.len() + k)
+            .collect();
+        let old_cov = width(n_batch_old)
+            + m.extra_categorical
+                .iter()
+                .map(|(_, c)| width(c.len()))
+                .sum::<usize>();
+        let new_cov = width(n_batch) + cat_levels.iter().map(|&k| width(k)).sum::<usize>();
         let n_new = new_cov - old_cov;
+        let n_cont = m.extra_continuous.len();
+        let enc_cont = if p.encode_covariates { n_cont } else { 0 };
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let ln_enc = matches!(p.use_layer_norm.as_str(), "both" | "encoder");
         let ln_dec = matches!(p.use_layer_norm.as_str(), "both" | "decoder");
@@ -668,6 +733,7 @@ impl SurgeryModel {
                 m,
                 &format!("z_encoder.encoder.fc_layers.Layer {i}.0"),
                 n_prev,
+                if i == 0 { enc_cont } else { 0 },
                 oc,
                 nn,
                 &mut rng,
@@ -691,11 +757,21 @@ impl SurgeryModel {
                 p.n_layers
             )));
         }
-        let mean = Layer::read(m, "z_encoder.mean_encoder", n_prev, 0, 0, &mut rng, false)?;
-        let var = Layer::read(m, "z_encoder.var_encoder", n_prev, 0, 0, &mut rng, false)?;
+        let mean = Layer::read(
+            m,
+            "z_encoder.mean_encoder",
+            n_prev,
+            0,
+            0,
+            0,
+            &mut rng,
+            false,
+        )?;
+        let var = Layer::read(m, "z_encoder.var_encoder", n_prev, 0, 0, 0, &mut rng, false)?;
         let nl = mean.n_out;
         let mut dec = Vec::new();
-        let mut n_prev = nl;
+        // the decoder's first layer takes [z, continuous covariates]
+        let mut n_prev = nl + n_cont;
         for i in 0..p.n_layers {
             let takes = i == 0 || p.deeply_inject_covariates;
             let (oc, nn) = if takes { (old_cov, n_new) } else { (0, 0) };
@@ -703,6 +779,7 @@ impl SurgeryModel {
                 m,
                 &format!("decoder.px_decoder.fc_layers.Layer {i}.0"),
                 n_prev,
+                0,
                 oc,
                 nn,
                 &mut rng,
@@ -724,7 +801,7 @@ impl SurgeryModel {
             names.push("decoder.px_dropout_decoder");
         }
         for name in names {
-            let l = Layer::read(m, name, h, 0, 0, &mut rng, false)?;
+            let l = Layer::read(m, name, h, 0, 0, 0, &mut rng, false)?;
             if l.n_out != g {
                 return Err(ScError::Dims(format!(
                     "{name} has {} outputs for {g} genes",
@@ -753,6 +830,8 @@ impl SurgeryModel {
             n_genes: g,
             n_latent: nl,
             n_batch,
+            cat_levels,
+            n_cont,
             log_variational: p.log_variational,
             enc,
             mean,
@@ -893,7 +972,62 @@ impl SurgeryModel {
     /// Check and index the query counts (genes x cells, the model's gene order) and batch
     /// codes (0-based, < n_batch).
     pub fn prepare(&self, counts: &ExprMatrix, batch: &[u32]) -> ScResult<QueryData> {
+        self.prepare_covs(counts, batch, &[], &[])
+    }
+
+    /// [`Self::prepare`] with the extra covariates: `cats[i]` the 0-based codes of the i-th
+    /// categorical covariate (< its level count in the query model), `cont[c]` the values of
+    /// the c-th continuous covariate, one per cell each.
+    pub fn prepare_covs(
+        &self,
+        counts: &ExprMatrix,
+        batch: &[u32],
+        cats: &[Vec<u32>],
+        cont: &[Vec<f64>],
+    ) -> ScResult<QueryData> {
         let n = counts.ncol();
+        if cats.len() != self.cat_levels.len() || cont.len() != self.n_cont {
+            return Err(ScError::Input(format!(
+                "the model has {} extra categorical and {} continuous covariates; {} and {} \
+                 were given (pass the reference's categorical_covariate_keys and \
+                 continuous_covariate_keys columns of the query)",
+                self.cat_levels.len(),
+                self.n_cont,
+                cats.len(),
+                cont.len()
+            )));
+        }
+        for (i, c) in cats.iter().enumerate() {
+            if c.len() != n {
+                return Err(ScError::Dims(format!(
+                    "{} codes of categorical covariate {} for {n} cells",
+                    c.len(),
+                    i + 1
+                )));
+            }
+            if let Some(v) = c.iter().find(|&&v| v as usize >= self.cat_levels[i]) {
+                return Err(ScError::Input(format!(
+                    "code {v} of categorical covariate {} is outside its {} levels",
+                    i + 1,
+                    self.cat_levels[i]
+                )));
+            }
+        }
+        for (i, c) in cont.iter().enumerate() {
+            if c.len() != n {
+                return Err(ScError::Dims(format!(
+                    "{} values of continuous covariate {} for {n} cells",
+                    c.len(),
+                    i + 1
+                )));
+            }
+            if c.iter().any(|v| !v.is_finite()) {
+                return Err(ScError::Value(format!(
+                    "continuous covariate {} has missing or non-finite values",
+                    i + 1
+                )));
+            }
+        }
         if counts.nrow() != self.n_genes {
             return Err(ScError::Dims(format!(
                 "the counts have {} genes but the model has {}; align the genes to the model \
@@ -1020,6 +1154,31 @@ impl SurgeryModel {
             lgc.extend(lg);
             library.extend(lib);
         }
+        // one-hot column indices per cell, FCLayers' order: batch, then each categorical
+        // covariate (a covariate with one level has no column)
+        let width = |k: usize| if k > 1 { k } else { 0 };
+        let groups: Vec<(usize, &[u32])> = std::iter::once((self.n_batch, batch))
+            .chain(
+                self.cat_levels
+                    .iter()
+                    .zip(cats)
+                    .map(|(&k, c)| (k, c.as_slice())),
+            )
+            .filter(|&(k, _)| width(k) > 0)
+            .collect();
+        let n_codes = groups.len();
+        let mut codes = Vec::with_capacity(n * n_codes);
+        for j in 0..n {
+            let mut off = 0u32;
+            for &(k, c) in &groups {
+                codes.push(off + c[j]);
+                off += k as u32;
+            }
+        }
+        let mut cont_rows = Vec::with_capacity(n * self.n_cont);
+        for j in 0..n {
+            cont_rows.extend(cont.iter().map(|c| c[j] as f32));
+        }
         let n_chunks = self.n_genes.div_ceil(GENE_CHUNK).max(1);
         let mut chunk_ends = vec![0usize; n * n_chunks];
         chunk_ends
@@ -1045,7 +1204,9 @@ impl SurgeryModel {
             xin,
             lgc,
             library,
-            batch: batch.to_vec(),
+            codes,
+            n_codes,
+            cont: cont_rows,
         })
     }
 
@@ -1053,8 +1214,13 @@ impl SurgeryModel {
     /// the final hidden layer, then mean and variance.
     fn encode(&self, data: &QueryData, cells: &[usize], st: &mut State) {
         let bsz = cells.len();
-        let codes: Vec<u32> = cells.iter().map(|&j| data.batch[j]).collect();
+        let k = data.n_codes;
+        let codes: Vec<u32> = cells
+            .iter()
+            .flat_map(|&j| data.codes[j * k..(j + 1) * k].iter().copied())
+            .collect();
         st.codes = codes;
+        let nc = self.n_cont;
         for (li, l) in self.enc.iter().enumerate() {
             let n = l.n_out;
             let mut pre = vec![0.0f32; bsz * n];
@@ -1067,10 +1233,12 @@ impl SurgeryModel {
                     .for_each(|(oc, cc)| {
                         for (o, &j) in oc.chunks_mut(n).zip(cc) {
                             o.copy_from_slice(&l.b);
-                            if !l.wc.is_empty() {
-                                let c = data.batch[j] as usize;
-                                for (a, w) in o.iter_mut().zip(&l.wc[c * n..(c + 1) * n]) {
-                                    *a += w;
+                            l.add_cov(o, &data.codes, j, data.n_cells);
+                            if !l.wx.is_empty() {
+                                // continuous covariates (encode_covariates), frozen weights
+                                let x = &data.cont[j * nc..(j + 1) * nc];
+                                for (a, wr) in o.iter_mut().zip(l.wx.chunks(nc)) {
+                                    *a += wr.iter().zip(x).map(|(w, v)| w * v).sum::<f32>();
                                 }
                             }
                         }
@@ -1158,8 +1326,18 @@ impl SurgeryModel {
                     .sum()
             })
             .collect();
-        // decoder
-        let mut dec_in = z.clone();
+        // decoder: [z, continuous covariates]
+        let nc = self.n_cont;
+        let mut dec_in = if nc == 0 {
+            z.clone()
+        } else {
+            let mut v = Vec::with_capacity(bsz * (nl + nc));
+            for (r, &j) in cells.iter().enumerate() {
+                v.extend_from_slice(&z[r * nl..(r + 1) * nl]);
+                v.extend_from_slice(&data.cont[j * nc..(j + 1) * nc]);
+            }
+            v
+        };
         let mut dec_y = Vec::new();
         let mut dec_isd = Vec::new();
         let mut dec_bn = Vec::new();
@@ -1242,6 +1420,11 @@ impl SurgeryModel {
                 d = dx;
             }
             dec_grads.reverse();
+            if nc > 0 {
+                // keep dL/dz of the first layer's [z, continuous] input
+                let w = nl + nc;
+                d = (0..bsz * nl).map(|i| d[(i / nl) * w + i % nl]).collect();
+            }
             // d = dL/dz
             let kw = (kl_weight as f32) * scale;
             let mut dmu = vec![0.0f32; bsz * nl];
@@ -1490,10 +1673,14 @@ fn cov_grad(l: &Layer, d: &[f32], codes: &[u32]) -> Vec<f32> {
     if l.n_cov() == 0 {
         return g;
     }
-    for (row, &c) in d.chunks(n).zip(codes) {
-        let c = c as usize;
-        for (a, &v) in g[c * n..(c + 1) * n].iter_mut().zip(row) {
-            *a += v;
+    let rows = d.len() / n.max(1);
+    let k = codes.len() / rows.max(1);
+    for (row, cs) in d.chunks(n).zip(codes.chunks(k.max(1))) {
+        for &c in cs.iter().take(k) {
+            let c = c as usize;
+            for (a, &v) in g[c * n..(c + 1) * n].iter_mut().zip(row) {
+                *a += v;
+            }
         }
     }
     g
@@ -1518,7 +1705,7 @@ pub struct LayerWeights {
     /// state-dict base key, e.g. `z_encoder.encoder.fc_layers.Layer 0.0` (`.weight` appended)
     pub key: String,
     pub n_out: usize,
-    /// feature inputs (the covariate columns come after them)
+    /// feature inputs, continuous covariates included (the one-hot columns come after them)
     pub n_in: usize,
     /// feature weights, `n_out x n_in` (torch layout)
     pub w: Vec<f32>,
@@ -1535,12 +1722,26 @@ impl SurgeryModel {
             layers
                 .iter()
                 .enumerate()
-                .map(|(i, l)| LayerWeights {
-                    key: format!("{prefix}.fc_layers.Layer {i}.0"),
-                    n_out: l.n_out,
-                    n_in: l.n_in,
-                    w: l.w.clone(),
-                    wc: l.wc.clone(),
+                .map(|(i, l)| {
+                    // the continuous covariates' columns (`wx`) follow the feature columns
+                    let n_x = l.wx.len() / l.n_out.max(1);
+                    let w = if n_x == 0 {
+                        l.w.clone()
+                    } else {
+                        let mut w = Vec::with_capacity(l.n_out * (l.n_in + n_x));
+                        for o in 0..l.n_out {
+                            w.extend_from_slice(&l.w[o * l.n_in..(o + 1) * l.n_in]);
+                            w.extend_from_slice(&l.wx[o * n_x..(o + 1) * n_x]);
+                        }
+                        w
+                    };
+                    LayerWeights {
+                        key: format!("{prefix}.fc_layers.Layer {i}.0"),
+                        n_out: l.n_out,
+                        n_in: l.n_in + n_x,
+                        w,
+                        wc: l.wc.clone(),
+                    }
                 })
                 .collect()
         };

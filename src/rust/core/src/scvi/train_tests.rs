@@ -655,3 +655,294 @@ fn head_logits_equal_a_plain_gemm() {
         }
     }
 }
+
+// ---- extra covariates: the `covs` reference (cond: categorical, score: continuous,
+// encode_covariates, covariates deeply injected, batch norm), goldens in `surgery_covs/`;
+// the query's cond relabels 'z' of cells 200-299 as the new level 'w' (x y z w)
+
+fn covs_model() -> (ScviModelFile, SurgeryModel) {
+    let m = read_scvi_model(&dir().join("surgery_covs/init")).unwrap();
+    assert_eq!(m.extra_categorical[0].1, ["x", "y", "z", "w"]);
+    let s = SurgeryModel::from_model_covs(&m, 0, &[0], 1).unwrap();
+    (m, s)
+}
+
+/// (cond codes x y z w, score) of the query
+fn covs_query() -> (Vec<u32>, Vec<f64>) {
+    let (h, rows) = csv("obs.csv");
+    assert_eq!(h, ["cell", "batch", "cond", "score"]);
+    let cond = rows
+        .iter()
+        .enumerate()
+        .map(|(j, r)| match (r[2].as_str(), j >= 200) {
+            ("x", _) => 0,
+            ("y", _) => 1,
+            ("z", false) => 2,
+            ("z", true) => 3,
+            (o, _) => panic!("cond {o}"),
+        })
+        .collect();
+    let score = rows.iter().map(|r| r[3].parse().unwrap()).collect();
+    (cond, score)
+}
+
+fn covs_prepared(s: &SurgeryModel) -> QueryData {
+    let (g, n, x, batch) = query();
+    let (cond, score) = covs_query();
+    let view = DenseView::new(g, n, &x).unwrap();
+    s.prepare_covs(&ExprMatrix::Dense(view), &batch, &[cond], &[score])
+        .unwrap()
+}
+
+fn covs_split() -> (Vec<usize>, Vec<usize>) {
+    let (_, split) = csv("surgery_covs/split.csv");
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for r in &split {
+        let j: usize = r[0].parse().unwrap();
+        if r[1] == "train" {
+            train.push(j)
+        } else {
+            val.push(j)
+        }
+    }
+    (train, val)
+}
+
+#[test]
+fn covs_without_the_covariates_is_refused() {
+    let (m, s) = covs_model();
+    assert!(SurgeryModel::from_model(&m, 0, 1).is_err());
+    let (g, n, x, batch) = query();
+    let view = DenseView::new(g, n, &x).unwrap();
+    assert!(s.prepare(&ExprMatrix::Dense(view), &batch).is_err());
+    let (cond, _) = covs_query();
+    let view = DenseView::new(g, n, &x).unwrap();
+    let bad: Vec<u32> = cond.iter().map(|&c| c + 1).collect();
+    assert!(s
+        .prepare_covs(&ExprMatrix::Dense(view), &batch, &[bad], &[vec![0.0; n]])
+        .is_err());
+}
+
+/// The query model's encoder equals the reference encoder of `vae.rs` (covariates included)
+#[test]
+fn covs_latent_matches_the_encoder() {
+    let (m, s) = covs_model();
+    let data = covs_prepared(&s);
+    let ours = s.latent(&data, 2).unwrap();
+    let (g, n, x, batch) = query();
+    let (cond, score) = covs_query();
+    let enc = ScviEncoder::from_model(&m).unwrap();
+    let cov = Covariates {
+        batch: Some(&batch),
+        categorical: vec![&cond],
+        continuous: vec![&score],
+    };
+    let r = enc
+        .latent(&ExprMatrix::Dense(DenseView::new(g, n, &x).unwrap()), &cov)
+        .unwrap();
+    for (a, b) in ours.mean.iter().zip(&r.mean) {
+        assert!((a - b).abs() < 2e-5, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn covs_loss_at_the_mean_matches_scvi_tools() {
+    let (_, s) = covs_model();
+    let data = covs_prepared(&s);
+    let (rec, kl) = s.loss_at_mean(&data, 2).unwrap();
+    let (_, rows) = csv("surgery_covs/forward.csv");
+    assert_eq!(rows.len(), rec.len());
+    for (j, r) in rows.iter().enumerate() {
+        let (gr, gk): (f64, f64) = (r[1].parse().unwrap(), r[2].parse().unwrap());
+        assert!(
+            (rec[j] - gr).abs() < 2e-5 * gr.abs(),
+            "cell {j}: rec {} vs {gr}",
+            rec[j]
+        );
+        assert!(
+            (kl[j] - gk).abs() < 1e-4 * gk.abs().max(1.0),
+            "cell {j}: kl {} vs {gk}",
+            kl[j]
+        );
+    }
+}
+
+/// One minibatch's gradients against torch's after the scArches hooks: all one-hot columns
+/// (batch and cond, old and new) of every layer train; the feature columns (continuous
+/// covariate included) and biases are zeroed; the decoder BatchNorms' weight and bias train.
+#[test]
+fn covs_minibatch_gradients_match_torch() {
+    let (_, s) = covs_model();
+    let data = covs_prepared(&s);
+    let cells: Vec<usize> = (0..64).collect();
+    let (_, rows) = csv("surgery_covs/grad_eps.csv");
+    let eps: Vec<f32> = rows
+        .iter()
+        .flat_map(|r| r[1..].iter().map(|v| v.parse::<f32>().unwrap()))
+        .collect();
+    let out = s.step(&data, &cells, &eps, 0.3, true);
+    // 2 encoder layers, 2 decoder layers, then gamma / beta of the 2 decoder BatchNorms
+    assert_eq!(out.grads.len(), 8);
+    let loss = (out.reconstruction_sum + 0.3 * out.kl_sum) / 64.0;
+    let text = std::fs::read_to_string(dir().join("surgery_covs/grad.txt")).unwrap();
+    let mut lines = text.lines();
+    let l0: f64 = lines
+        .next()
+        .unwrap()
+        .split('\t')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((loss - l0).abs() < 1e-5 * l0, "{loss} vs {l0}");
+    let mut checked = 0;
+    for l in lines {
+        let f: Vec<&str> = l.split('\t').collect();
+        let shape: Vec<usize> = f[1].split(',').map(|v| v.parse().unwrap()).collect();
+        let vals: Vec<f64> = f[2].split(',').map(|v| v.parse().unwrap()).collect();
+        let scale = vals.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let close = |ours: &[f32], theirs: &[f64], what: &str| {
+            assert_eq!(ours.len(), theirs.len(), "{what}");
+            for (i, (&r, &t)) in ours.iter().zip(theirs).enumerate() {
+                assert!(
+                    (r as f64 - t).abs() < 1e-4 * scale + 1e-6,
+                    "{what} [{i}]: {r} vs torch {t}"
+                );
+            }
+        };
+        let weight = |k: usize| {
+            let (n_out, n_all) = (shape[0], shape[1]);
+            // 4 batch + 4 cond one-hot columns
+            let n_cov = 8;
+            let n_in = n_all - n_cov;
+            let mut theirs = vec![0.0; n_cov * n_out];
+            for o in 0..n_out {
+                for i in 0..n_all {
+                    let t = vals[o * n_all + i];
+                    if i < n_in {
+                        assert_eq!(t, 0.0, "{}: feature column {i} has a gradient", f[0]);
+                    } else {
+                        theirs[(i - n_in) * n_out + o] = t;
+                    }
+                }
+            }
+            assert!(theirs.iter().any(|&v| v != 0.0));
+            close(&out.grads[k], &theirs, f[0]);
+        };
+        match f[0] {
+            k if k.ends_with(".0.bias") => {
+                assert!(vals.iter().all(|&v| v == 0.0), "{k}");
+            }
+            "z_encoder.encoder.fc_layers.Layer 0.0.weight" => weight(0),
+            "z_encoder.encoder.fc_layers.Layer 1.0.weight" => weight(1),
+            "decoder.px_decoder.fc_layers.Layer 0.0.weight" => weight(2),
+            "decoder.px_decoder.fc_layers.Layer 1.0.weight" => weight(3),
+            "decoder.px_decoder.fc_layers.Layer 0.1.weight" => close(&out.grads[4], &vals, f[0]),
+            "decoder.px_decoder.fc_layers.Layer 0.1.bias" => close(&out.grads[5], &vals, f[0]),
+            "decoder.px_decoder.fc_layers.Layer 1.1.weight" => close(&out.grads[6], &vals, f[0]),
+            "decoder.px_decoder.fc_layers.Layer 1.1.bias" => close(&out.grads[7], &vals, f[0]),
+            other => panic!("unexpected gradient {other}"),
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 12);
+}
+
+/// Surgery on the reference itself: the new batch and cond columns are appended after all of
+/// the reference's columns, as load_query_data pads them (positional, not per covariate).
+#[test]
+fn covs_new_levels_are_appended_after_all_reference_columns() {
+    let r = read_scvi_model(&dir().join("covs")).unwrap();
+    let (_, init) = covs_model();
+    let s = SurgeryModel::from_model_covs(&r, 2, &[1], 5).unwrap();
+    let (ours, theirs) = (s.covariate_weights(), init.covariate_weights());
+    assert_eq!(ours.len(), 4);
+    for (k, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(a.len(), b.len(), "layer {k}");
+        let n_out = a.len() / 8;
+        // reference: b0 b1 x y z (5 columns), then 3 fresh
+        assert_eq!(a[..5 * n_out], b[..5 * n_out], "layer {k}");
+        assert!(a[5 * n_out..].iter().any(|&v| v != 0.0));
+    }
+}
+
+/// 60 epochs on scvi-tools' split: train and validation ELBO of the last 10 epochs within 1 %
+/// of scvi-tools'; the latent (the encoder's covariate columns train) close to scvi-tools'.
+#[test]
+fn covs_surgery_training_reaches_scvi_tools_elbo() {
+    let (_, mut s) = covs_model();
+    let data = covs_prepared(&s);
+    let (_, hist) = csv("surgery_covs/history.csv");
+    let col = |k: usize| -> Vec<f64> { hist.iter().map(|r| r[k].parse().unwrap()).collect() };
+    let (elbo_t, elbo_v) = (col(1), col(2));
+    let before = s.latent(&data, 1).unwrap();
+    let opts = TrainOptions {
+        max_epochs: Some(hist.len()),
+        freeze_dropout: true,
+        split: Some(covs_split()),
+        seed: 3,
+        n_threads: 2,
+        ..Default::default()
+    };
+    let res = s.train(&data, &opts, &mut |_| {}, &|| false).unwrap();
+    assert_eq!(res.history.len(), hist.len());
+    let ours_v: Vec<f64> = res.history.iter().map(|e| e.elbo_validation).collect();
+    let ours_t: Vec<f64> = res.history.iter().map(|e| e.elbo_train).collect();
+    for (what, ours, theirs) in [
+        ("validation", &ours_v, &elbo_v),
+        ("train", &ours_t, &elbo_t),
+    ] {
+        let (a, b) = (mean_last(ours, 10), mean_last(theirs, 10));
+        eprintln!("{what} ELBO, last 10 epochs: scannot {a:.3}, scvi-tools {b:.3}");
+        assert!(
+            (a - b).abs() < 0.01 * b,
+            "{what} ELBO {a} vs scvi-tools {b}"
+        );
+    }
+    assert!((ours_v[0] - elbo_v[0]).abs() < 0.01 * elbo_v[0]);
+    // latent after training: scvi-tools' moved from the start as ours did (different noise,
+    // so compared by the distance to scvi-tools' against the distance travelled)
+    let after = s.latent(&data, 1).unwrap();
+    let (h, rows) = csv("surgery_covs/latent.csv");
+    let (n, nl) = (rows.len(), h.len() - 1);
+    let (mut d_ours, mut d_moved) = (0.0f64, 0.0f64);
+    for (j, r) in rows.iter().enumerate() {
+        for k in 0..nl {
+            let t: f64 = r[k + 1].parse().unwrap();
+            d_ours += (after.mean[k * n + j] - t).powi(2);
+            d_moved += (before.mean[k * n + j] - t).powi(2);
+        }
+    }
+    let (d_ours, d_moved) = (
+        (d_ours / (n * nl) as f64).sqrt(),
+        (d_moved / (n * nl) as f64).sqrt(),
+    );
+    eprintln!("latent rms vs scvi-tools: trained {d_ours:.4}, untrained {d_moved:.4}");
+    assert!(d_ours < 0.5 * d_moved, "{d_ours} vs untrained {d_moved}");
+}
+
+/// The weights for saving keep torch's layout: feature columns, continuous covariate, then the
+/// one-hot columns, equal to init/model.pt's.
+#[test]
+fn covs_layer_weights_keep_the_torch_layout() {
+    let (m, s) = covs_model();
+    for lw in s.layer_weights() {
+        let t = m.tensor(&format!("{}.weight", lw.key)).unwrap();
+        let w = t.to_f32().unwrap();
+        let n_all = t.shape[1];
+        assert_eq!(n_all, lw.n_in + lw.wc.len() / lw.n_out, "{}", lw.key);
+        for o in 0..lw.n_out {
+            for i in 0..lw.n_in {
+                assert_eq!(lw.w[o * lw.n_in + i], w[o * n_all + i], "{}", lw.key);
+            }
+            for c in 0..n_all - lw.n_in {
+                assert_eq!(
+                    lw.wc[c * lw.n_out + o],
+                    w[o * n_all + lw.n_in + c],
+                    "{}",
+                    lw.key
+                );
+            }
+        }
+    }
+}
