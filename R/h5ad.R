@@ -113,6 +113,14 @@ h5ad_elem <- function(path, elem, call = rlang::caller_env()) {
 #' dgCMatrix is built around those vectors without a copy. A dense `X` is read the
 #' same way into the matrix. CSC matrices need one transpose.
 #'
+#' Memory: the large `x`/`i` vectors live in memory mapped outside R's heap (ordinary R
+#' vectors through ALTREP; freed by the garbage collector). Released mappings are kept
+#' for about 10 s (at most 1/8 of RAM, 4 GiB) and reused by the next read, and the chunk
+#' layout of each file version is cached, so reading files one after another skips the
+#' kernel's zero fill and libhdf5's chunk-index walk. Environment variables:
+#' `SCANNOT_MAP_RETAIN=0` returns released mappings at once; `SCANNOT_MAP_HUGE=1` asks
+#' for transparent huge pages (faster on machines where their first touch is cheap).
+#'
 #' @param path Path to the `.h5ad` file.
 #' @param as `"SingleCellExperiment"` (assays `X` + layers, `colData` = obs,
 #'   `rowData` = var, `reducedDims` = obsm, `colPairs` = obsp, `metadata` = uns plus
