@@ -3,17 +3,8 @@
 # fixture cells relabelled b1 / q_b / q_a, load_query_data(freeze_dropout=True) +
 # train(max_epochs=60) (tools/fixtures/scvi/make_surgery_fixture.py ... default surgery_bn).
 bn_dir <- test_path("fixtures", "scvi")
-bn_counts <- function() {
-  counts <- utils::read.csv(file.path(bn_dir, "counts.csv"), row.names = 1, check.names = FALSE)
-  x <- t(as.matrix(counts))
-  storage.mode(x) <- "double"
-  methods::as(x, "CsparseMatrix")
-}
-bn_obs <- function(x) {
-  n <- ncol(x)
-  data.frame(sample = ifelse(seq_len(n) <= 100, "b1", ifelse(seq_len(n) <= 200, "q_b", "q_a")),
-             row.names = colnames(x))
-}
+bn_counts <- scvi_fixture_counts
+bn_obs <- scvi_query_obs
 
 test_that("batch-norm query training reaches scvi-tools' ELBO; the latent is scvi-tools'", {
   x <- bn_counts()

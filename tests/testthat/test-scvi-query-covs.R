@@ -4,12 +4,7 @@
 # level), load_query_data(freeze_dropout=True) + train(max_epochs=60)
 # (tools/fixtures/scvi/make_surgery_fixture.py ... covs surgery_covs).
 cv_dir <- test_path("fixtures", "scvi")
-cv_counts <- function() {
-  counts <- utils::read.csv(file.path(cv_dir, "counts.csv"), row.names = 1, check.names = FALSE)
-  x <- t(as.matrix(counts))
-  storage.mode(x) <- "double"
-  methods::as(x, "CsparseMatrix")
-}
+cv_counts <- scvi_fixture_counts
 cv_obs <- function(x) {
   n <- ncol(x)
   obs <- utils::read.csv(file.path(cv_dir, "obs.csv"), row.names = 1)[colnames(x), ]

@@ -2,17 +2,8 @@
 # the 300 fixture cells relabelled b1 / q_b / q_a, mapped onto the `scarches` reference with
 # load_query_data(freeze_dropout=True) + train(max_epochs=60); scvi-tools' ELBO history.
 sq_dir <- test_path("fixtures", "scvi")
-sq_counts <- function() {
-  counts <- utils::read.csv(file.path(sq_dir, "counts.csv"), row.names = 1, check.names = FALSE)
-  x <- t(as.matrix(counts))
-  storage.mode(x) <- "double"
-  methods::as(x, "CsparseMatrix")
-}
-sq_obs <- function(x) {
-  n <- ncol(x)
-  data.frame(sample = ifelse(seq_len(n) <= 100, "b1", ifelse(seq_len(n) <= 200, "q_b", "q_a")),
-             row.names = colnames(x))
-}
+sq_counts <- scvi_fixture_counts
+sq_obs <- scvi_query_obs
 
 test_that("query training reaches scvi-tools' validation ELBO and returns the latent", {
   x <- sq_counts()

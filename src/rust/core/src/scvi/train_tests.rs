@@ -263,13 +263,10 @@ fn mean_last(v: &[f64], k: usize) -> f64 {
     v[v.len() - k..].iter().sum::<f64>() / k as f64
 }
 
-#[test]
-fn surgery_training_reaches_scvi_tools_elbo() {
-    let (_, mut s) = init_model();
-    let (data, _) = prepared(&s);
-    let (_, split) = csv("surgery/split.csv");
-    let mut train = Vec::new();
-    let mut val = Vec::new();
+/// scvi-tools' train/validation split of a surgery fixture (`<dir>/split.csv`).
+fn fixture_split(dir: &str) -> (Vec<usize>, Vec<usize>) {
+    let (_, split) = csv(&format!("{dir}/split.csv"));
+    let (mut train, mut val) = (Vec::new(), Vec::new());
     for r in &split {
         let j: usize = r[0].parse().unwrap();
         if r[1] == "train" {
@@ -278,11 +275,45 @@ fn surgery_training_reaches_scvi_tools_elbo() {
             val.push(j)
         }
     }
-    let (_, hist) = csv("surgery/history.csv");
+    (train, val)
+}
+
+/// scvi-tools' per-epoch train and validation ELBO of a surgery fixture (`<dir>/history.csv`).
+fn fixture_elbo(dir: &str) -> (Vec<f64>, Vec<f64>) {
+    let (_, hist) = csv(&format!("{dir}/history.csv"));
     let col = |k: usize| -> Vec<f64> { hist.iter().map(|r| r[k].parse().unwrap()).collect() };
-    let (elbo_t, elbo_v) = (col(1), col(2));
+    (col(1), col(2))
+}
+
+/// Our (train, validation) ELBO per epoch; asserts the mean of the last 10 epochs of each
+/// is within 1 % of scvi-tools' `(elbo_t, elbo_v)`.
+fn assert_elbo_within_1pct(
+    res: &TrainResult,
+    elbo_t: &[f64],
+    elbo_v: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    assert_eq!(res.history.len(), elbo_v.len());
+    let ours_v: Vec<f64> = res.history.iter().map(|e| e.elbo_validation).collect();
+    let ours_t: Vec<f64> = res.history.iter().map(|e| e.elbo_train).collect();
+    for (what, ours, theirs) in [("validation", &ours_v, elbo_v), ("train", &ours_t, elbo_t)] {
+        let (a, b) = (mean_last(ours, 10), mean_last(theirs, 10));
+        eprintln!("{what} ELBO, last 10 epochs: scannot {a:.3}, scvi-tools {b:.3}");
+        assert!(
+            (a - b).abs() < 0.01 * b,
+            "{what} ELBO {a} vs scvi-tools {b}"
+        );
+    }
+    (ours_t, ours_v)
+}
+
+#[test]
+fn surgery_training_reaches_scvi_tools_elbo() {
+    let (_, mut s) = init_model();
+    let (data, _) = prepared(&s);
+    let (train, val) = fixture_split("surgery");
+    let (elbo_t, elbo_v) = fixture_elbo("surgery");
     let opts = TrainOptions {
-        max_epochs: Some(hist.len()),
+        max_epochs: Some(elbo_v.len()),
         freeze_dropout: true,
         split: Some((train, val)),
         seed: 3,
@@ -301,19 +332,8 @@ fn surgery_training_reaches_scvi_tools_elbo() {
             &|| false,
         )
         .unwrap();
-    assert_eq!(res.history.len(), hist.len());
     assert!(!res.stopped_early && !res.cancelled);
-    let ours_v: Vec<f64> = res.history.iter().map(|e| e.elbo_validation).collect();
-    let ours_t: Vec<f64> = res.history.iter().map(|e| e.elbo_train).collect();
-    let (a, b) = (mean_last(&ours_v, 10), mean_last(&elbo_v, 10));
-    eprintln!("validation ELBO, last 10 epochs: scannot {a:.3}, scvi-tools {b:.3}");
-    assert!(
-        (a - b).abs() < 0.01 * b,
-        "validation ELBO {a} vs scvi-tools {b}"
-    );
-    let (a, b) = (mean_last(&ours_t, 10), mean_last(&elbo_t, 10));
-    eprintln!("train ELBO, last 10 epochs: scannot {a:.3}, scvi-tools {b:.3}");
-    assert!((a - b).abs() < 0.01 * b, "train ELBO {a} vs scvi-tools {b}");
+    let (ours_t, _) = assert_elbo_within_1pct(&res, &elbo_t, &elbo_v);
     // training improved on the first epoch, as it does in scvi-tools
     assert!(mean_last(&ours_t, 10) < ours_t[0]);
 }
@@ -357,17 +377,7 @@ fn bn_grad_eps() -> Vec<f32> {
 }
 
 fn bn_split() -> (Vec<usize>, Vec<usize>) {
-    let (_, split) = csv("surgery_bn/split.csv");
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for r in &split {
-        let j: usize = r[0].parse().unwrap();
-        if r[1] == "train" {
-            train.push(j)
-        } else {
-            val.push(j)
-        }
-    }
-    (train, val)
+    fixture_split("surgery_bn")
 }
 
 /// Eval-mode encoder with BatchNorm (running statistics): equal to the reference encoder of
@@ -565,11 +575,9 @@ fn bn_surgery_training_reaches_scvi_tools_elbo() {
     let before = s.batch_norm_affine();
     assert_eq!(before.len(), 1);
     assert_eq!(before[0].0, "decoder.px_decoder.fc_layers.Layer 0.1");
-    let (_, hist) = csv("surgery_bn/history.csv");
-    let col = |k: usize| -> Vec<f64> { hist.iter().map(|r| r[k].parse().unwrap()).collect() };
-    let (elbo_t, elbo_v) = (col(1), col(2));
+    let (elbo_t, elbo_v) = fixture_elbo("surgery_bn");
     let opts = TrainOptions {
-        max_epochs: Some(hist.len()),
+        max_epochs: Some(elbo_v.len()),
         freeze_dropout: true,
         split: Some(bn_split()),
         seed: 3,
@@ -577,20 +585,7 @@ fn bn_surgery_training_reaches_scvi_tools_elbo() {
         ..Default::default()
     };
     let res = s.train(&data, &opts, &mut |_| {}, &|| false).unwrap();
-    assert_eq!(res.history.len(), hist.len());
-    let ours_v: Vec<f64> = res.history.iter().map(|e| e.elbo_validation).collect();
-    let ours_t: Vec<f64> = res.history.iter().map(|e| e.elbo_train).collect();
-    for (what, ours, theirs) in [
-        ("validation", &ours_v, &elbo_v),
-        ("train", &ours_t, &elbo_t),
-    ] {
-        let (a, b) = (mean_last(ours, 10), mean_last(theirs, 10));
-        eprintln!("{what} ELBO, last 10 epochs: scannot {a:.3}, scvi-tools {b:.3}");
-        assert!(
-            (a - b).abs() < 0.01 * b,
-            "{what} ELBO {a} vs scvi-tools {b}"
-        );
-    }
+    let (_, ours_v) = assert_elbo_within_1pct(&res, &elbo_t, &elbo_v);
     // the first epoch too (the decoder starts from the same weights)
     assert!((ours_v[0] - elbo_v[0]).abs() < 0.01 * elbo_v[0]);
     let after = s.batch_norm_affine();
@@ -695,17 +690,7 @@ fn covs_prepared(s: &SurgeryModel) -> QueryData {
 }
 
 fn covs_split() -> (Vec<usize>, Vec<usize>) {
-    let (_, split) = csv("surgery_covs/split.csv");
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for r in &split {
-        let j: usize = r[0].parse().unwrap();
-        if r[1] == "train" {
-            train.push(j)
-        } else {
-            val.push(j)
-        }
-    }
-    (train, val)
+    fixture_split("surgery_covs")
 }
 
 #[test]
@@ -872,12 +857,10 @@ fn covs_new_levels_are_appended_after_all_reference_columns() {
 fn covs_surgery_training_reaches_scvi_tools_elbo() {
     let (_, mut s) = covs_model();
     let data = covs_prepared(&s);
-    let (_, hist) = csv("surgery_covs/history.csv");
-    let col = |k: usize| -> Vec<f64> { hist.iter().map(|r| r[k].parse().unwrap()).collect() };
-    let (elbo_t, elbo_v) = (col(1), col(2));
+    let (elbo_t, elbo_v) = fixture_elbo("surgery_covs");
     let before = s.latent(&data, 1).unwrap();
     let opts = TrainOptions {
-        max_epochs: Some(hist.len()),
+        max_epochs: Some(elbo_v.len()),
         freeze_dropout: true,
         split: Some(covs_split()),
         seed: 3,
@@ -885,20 +868,7 @@ fn covs_surgery_training_reaches_scvi_tools_elbo() {
         ..Default::default()
     };
     let res = s.train(&data, &opts, &mut |_| {}, &|| false).unwrap();
-    assert_eq!(res.history.len(), hist.len());
-    let ours_v: Vec<f64> = res.history.iter().map(|e| e.elbo_validation).collect();
-    let ours_t: Vec<f64> = res.history.iter().map(|e| e.elbo_train).collect();
-    for (what, ours, theirs) in [
-        ("validation", &ours_v, &elbo_v),
-        ("train", &ours_t, &elbo_t),
-    ] {
-        let (a, b) = (mean_last(ours, 10), mean_last(theirs, 10));
-        eprintln!("{what} ELBO, last 10 epochs: scannot {a:.3}, scvi-tools {b:.3}");
-        assert!(
-            (a - b).abs() < 0.01 * b,
-            "{what} ELBO {a} vs scvi-tools {b}"
-        );
-    }
+    let (_, ours_v) = assert_elbo_within_1pct(&res, &elbo_t, &elbo_v);
     assert!((ours_v[0] - elbo_v[0]).abs() < 0.01 * elbo_v[0]);
     // latent after training: scvi-tools' moved from the start as ours did (different noise,
     // so compared by the distance to scvi-tools' against the distance travelled)
