@@ -259,6 +259,63 @@ fn split_and_schedule_follow_scvi() {
     assert_eq!(kl_weight(400, &o), 1.0);
 }
 
+/// One parameter's gradient from torch: name, shape, values (row-major).
+type TorchGrad = (String, Vec<usize>, Vec<f64>);
+
+/// torch's minibatch loss and gradients of a surgery fixture (`<dir>/grad.txt`: a loss
+/// line, then one `name, shape, values` line per parameter).
+fn torch_grads(dir_name: &str) -> (f64, Vec<TorchGrad>) {
+    let text = std::fs::read_to_string(dir().join(dir_name).join("grad.txt")).unwrap();
+    let mut lines = text.lines();
+    let loss = lines
+        .next()
+        .unwrap()
+        .split('\t')
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let grads = lines
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let shape = f[1].split(',').map(|v| v.parse().unwrap()).collect();
+            let vals = f[2].split(',').map(|v| v.parse().unwrap()).collect();
+            (f[0].to_string(), shape, vals)
+        })
+        .collect();
+    (loss, grads)
+}
+
+/// Our gradient equals torch's within 1e-4 of torch's largest value (`scale`).
+fn assert_close_to_torch(ours: &[f32], theirs: &[f64], scale: f64, what: &str) {
+    assert_eq!(ours.len(), theirs.len(), "{what}");
+    for (i, (&r, &t)) in ours.iter().zip(theirs).enumerate() {
+        assert!(
+            (r as f64 - t).abs() < 1e-4 * scale + 1e-6,
+            "{what} [{i}]: {r} vs torch {t}"
+        );
+    }
+}
+
+/// The last `n_cov` (one-hot) columns of torch's `n_out x n_all` weight gradient, in our
+/// `n_cov x n_out` layout; the feature columns must have no gradient.
+fn covariate_columns(vals: &[f64], shape: &[usize], n_cov: usize, what: &str) -> Vec<f64> {
+    let (n_out, n_all) = (shape[0], shape[1]);
+    let n_in = n_all - n_cov;
+    let mut theirs = vec![0.0; n_cov * n_out];
+    for o in 0..n_out {
+        for i in 0..n_all {
+            let t = vals[o * n_all + i];
+            if i < n_in {
+                assert_eq!(t, 0.0, "{what}: feature column {i} has a gradient");
+            } else {
+                theirs[(i - n_in) * n_out + o] = t;
+            }
+        }
+    }
+    theirs
+}
+
 fn mean_last(v: &[f64], k: usize) -> f64 {
     v[v.len() - k..].iter().sum::<f64>() / k as f64
 }
@@ -457,58 +514,30 @@ fn bn_minibatch_gradients_match_torch() {
     assert_eq!(out.grads.len(), 4);
     assert!(out.grads[0].is_empty());
     let loss = (out.reconstruction_sum + 0.3 * out.kl_sum) / 64.0;
-    let text = std::fs::read_to_string(dir().join("surgery_bn/grad.txt")).unwrap();
-    let mut lines = text.lines();
-    let l0: f64 = lines
-        .next()
-        .unwrap()
-        .split('\t')
-        .nth(2)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (l0, grads) = torch_grads("surgery_bn");
     assert!((loss - l0).abs() < 1e-5 * l0, "{loss} vs {l0}");
     let mut checked = 0;
-    for l in lines {
-        let f: Vec<&str> = l.split('\t').collect();
-        let shape: Vec<usize> = f[1].split(',').map(|v| v.parse().unwrap()).collect();
-        let vals: Vec<f64> = f[2].split(',').map(|v| v.parse().unwrap()).collect();
+    for (name, shape, vals) in &grads {
         let scale = vals.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         let close = |ours: &[f32], theirs: &[f64], what: &str| {
-            assert_eq!(ours.len(), theirs.len(), "{what}");
-            for (i, (&r, &t)) in ours.iter().zip(theirs).enumerate() {
-                assert!(
-                    (r as f64 - t).abs() < 1e-4 * scale + 1e-6,
-                    "{what} [{i}]: {r} vs torch {t}"
-                );
-            }
+            assert_close_to_torch(ours, theirs, scale, what)
         };
-        match f[0] {
+        match name.as_str() {
             "z_encoder.encoder.fc_layers.Layer 0.0.weight"
             | "z_encoder.encoder.fc_layers.Layer 0.0.bias"
             | "decoder.px_decoder.fc_layers.Layer 0.0.bias" => {
                 // hooked: no covariate columns in the encoder, biases zeroed
-                assert!(vals.iter().all(|&v| v == 0.0), "{}", f[0]);
+                assert!(vals.iter().all(|&v| v == 0.0), "{name}");
             }
             "decoder.px_decoder.fc_layers.Layer 0.0.weight" => {
-                let (n_out, n_all) = (shape[0], shape[1]);
-                let (n_cov, ours) = (4, &out.grads[1]);
-                let n_in = n_all - n_cov;
-                let mut theirs = vec![0.0; n_cov * n_out];
-                for o in 0..n_out {
-                    for i in 0..n_all {
-                        let t = vals[o * n_all + i];
-                        if i < n_in {
-                            assert_eq!(t, 0.0, "feature column {i} has a gradient");
-                        } else {
-                            theirs[(i - n_in) * n_out + o] = t;
-                        }
-                    }
-                }
-                close(ours, &theirs, f[0]);
+                close(
+                    &out.grads[1],
+                    &covariate_columns(vals, shape, 4, name),
+                    name,
+                );
             }
-            "decoder.px_decoder.fc_layers.Layer 0.1.weight" => close(&out.grads[2], &vals, f[0]),
-            "decoder.px_decoder.fc_layers.Layer 0.1.bias" => close(&out.grads[3], &vals, f[0]),
+            "decoder.px_decoder.fc_layers.Layer 0.1.weight" => close(&out.grads[2], vals, name),
+            "decoder.px_decoder.fc_layers.Layer 0.1.bias" => close(&out.grads[3], vals, name),
             other => panic!("unexpected gradient {other}"),
         }
         checked += 1;
@@ -769,52 +798,21 @@ fn covs_minibatch_gradients_match_torch() {
     // 2 encoder layers, 2 decoder layers, then gamma / beta of the 2 decoder BatchNorms
     assert_eq!(out.grads.len(), 8);
     let loss = (out.reconstruction_sum + 0.3 * out.kl_sum) / 64.0;
-    let text = std::fs::read_to_string(dir().join("surgery_covs/grad.txt")).unwrap();
-    let mut lines = text.lines();
-    let l0: f64 = lines
-        .next()
-        .unwrap()
-        .split('\t')
-        .nth(2)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (l0, grads) = torch_grads("surgery_covs");
     assert!((loss - l0).abs() < 1e-5 * l0, "{loss} vs {l0}");
     let mut checked = 0;
-    for l in lines {
-        let f: Vec<&str> = l.split('\t').collect();
-        let shape: Vec<usize> = f[1].split(',').map(|v| v.parse().unwrap()).collect();
-        let vals: Vec<f64> = f[2].split(',').map(|v| v.parse().unwrap()).collect();
+    for (name, shape, vals) in &grads {
         let scale = vals.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         let close = |ours: &[f32], theirs: &[f64], what: &str| {
-            assert_eq!(ours.len(), theirs.len(), "{what}");
-            for (i, (&r, &t)) in ours.iter().zip(theirs).enumerate() {
-                assert!(
-                    (r as f64 - t).abs() < 1e-4 * scale + 1e-6,
-                    "{what} [{i}]: {r} vs torch {t}"
-                );
-            }
+            assert_close_to_torch(ours, theirs, scale, what)
         };
         let weight = |k: usize| {
-            let (n_out, n_all) = (shape[0], shape[1]);
             // 4 batch + 4 cond one-hot columns
-            let n_cov = 8;
-            let n_in = n_all - n_cov;
-            let mut theirs = vec![0.0; n_cov * n_out];
-            for o in 0..n_out {
-                for i in 0..n_all {
-                    let t = vals[o * n_all + i];
-                    if i < n_in {
-                        assert_eq!(t, 0.0, "{}: feature column {i} has a gradient", f[0]);
-                    } else {
-                        theirs[(i - n_in) * n_out + o] = t;
-                    }
-                }
-            }
+            let theirs = covariate_columns(vals, shape, 8, name);
             assert!(theirs.iter().any(|&v| v != 0.0));
-            close(&out.grads[k], &theirs, f[0]);
+            close(&out.grads[k], &theirs, name);
         };
-        match f[0] {
+        match name.as_str() {
             k if k.ends_with(".0.bias") => {
                 assert!(vals.iter().all(|&v| v == 0.0), "{k}");
             }
@@ -822,10 +820,10 @@ fn covs_minibatch_gradients_match_torch() {
             "z_encoder.encoder.fc_layers.Layer 1.0.weight" => weight(1),
             "decoder.px_decoder.fc_layers.Layer 0.0.weight" => weight(2),
             "decoder.px_decoder.fc_layers.Layer 1.0.weight" => weight(3),
-            "decoder.px_decoder.fc_layers.Layer 0.1.weight" => close(&out.grads[4], &vals, f[0]),
-            "decoder.px_decoder.fc_layers.Layer 0.1.bias" => close(&out.grads[5], &vals, f[0]),
-            "decoder.px_decoder.fc_layers.Layer 1.1.weight" => close(&out.grads[6], &vals, f[0]),
-            "decoder.px_decoder.fc_layers.Layer 1.1.bias" => close(&out.grads[7], &vals, f[0]),
+            "decoder.px_decoder.fc_layers.Layer 0.1.weight" => close(&out.grads[4], vals, name),
+            "decoder.px_decoder.fc_layers.Layer 0.1.bias" => close(&out.grads[5], vals, name),
+            "decoder.px_decoder.fc_layers.Layer 1.1.weight" => close(&out.grads[6], vals, name),
+            "decoder.px_decoder.fc_layers.Layer 1.1.bias" => close(&out.grads[7], vals, name),
             other => panic!("unexpected gradient {other}"),
         }
         checked += 1;
