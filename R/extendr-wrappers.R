@@ -111,10 +111,11 @@ rs_scvi_latent <- function(ptr, p, i, x, nrow, ncol, dense, batch, cats, conts, 
 #' scArches query training of an SCVI model and the query latent.
 #' `batch`: 0-based codes in the query model's batch order (reference levels, then the
 #' new levels `new_levels`). `cats`: list per extra categorical covariate (model order) of
-#' 0-based codes (reference levels, then `n_new_cats[k]` new ones); `conts`: list per extra
+#' 0-based codes (reference levels, then the new ones `new_cats[[k]]`, a character vector);
+#' `conts`: list per extra
 #' continuous covariate of double vectors. `max_epochs` < 1: scvi's heuristic. `progress`: NULL or an R
 #' function(epoch, elbo_train, elbo_validation) called after every epoch. `save_dir`: ""
 #' or the folder to write the query model's `model.pt` into (scvi-tools' layout).
 #' @noRd
-rs_scvi_map_query <- function(model_path, p, i, x, nrow, ncol, dense, batch, new_levels, cats, n_new_cats, conts, max_epochs, batch_size, train_size, lr, weight_decay, n_epochs_kl_warmup, early_stopping, early_stopping_patience, freeze_dropout, seed, n_threads, progress, save_dir) .Call(wrap__rs_scvi_map_query, model_path, p, i, x, nrow, ncol, dense, batch, new_levels, cats, n_new_cats, conts, max_epochs, batch_size, train_size, lr, weight_decay, n_epochs_kl_warmup, early_stopping, early_stopping_patience, freeze_dropout, seed, n_threads, progress, save_dir)
+rs_scvi_map_query <- function(model_path, p, i, x, nrow, ncol, dense, batch, new_levels, cats, new_cats, conts, max_epochs, batch_size, train_size, lr, weight_decay, n_epochs_kl_warmup, early_stopping, early_stopping_patience, freeze_dropout, seed, n_threads, progress, save_dir) .Call(wrap__rs_scvi_map_query, model_path, p, i, x, nrow, ncol, dense, batch, new_levels, cats, new_cats, conts, max_epochs, batch_size, train_size, lr, weight_decay, n_epochs_kl_warmup, early_stopping, early_stopping_patience, freeze_dropout, seed, n_threads, progress, save_dir)
 

@@ -22,8 +22,8 @@
 #' metadata (or `obs`) under the reference's names; as in scvi-tools, the one-hot columns of
 #' every categorical covariate train too (new levels appended sorted), the continuous
 #' covariates' weights stay frozen, and the columns of the new levels are appended after all
-#' of the reference's columns (`load_query_data` pads each weight at its end). Saving
-#' (`save_dir`) such a query model is not supported yet. Others give a `scannot_error_input`.
+#' of the reference's columns (`load_query_data` pads each weight at its end); such a
+#' query model saves too (`save_dir`). Other models give a `scannot_error_input`.
 #' As in scvi-tools 1.4.2 (whose query module stays in eval mode during `train()`), batch
 #' norm uses the reference's running statistics throughout; the decoder's batch-norm weight
 #' and bias train (`freeze_batchnorm_decoder = FALSE`), the encoder's are frozen. Without
@@ -57,12 +57,18 @@
 #' @param save_dir `NULL`, or a folder to save the trained query model in, as scvi-tools'
 #'   `model.save(save_dir)` does (`model.pt`; the folder is created). It loads with
 #'   [load_scvi_model()] and with `scvi.model.SCVI.load(save_dir, adata = query)` in
-#'   Python (the query's batch column named as the reference's `batch_key`). The file holds
-#'   the reference's weights with the batch columns of the query (scvi-tools' layout after
-#'   `load_query_data()` + `train()`), the query's registry (batch categories extended,
-#'   number of cells), `is_trained_ = True`, the train / validation cells and the training
-#'   history (`model.history`: `elbo_train`, `reconstruction_loss_train`, ... as pandas
-#'   data frames by epoch). A model interrupted by Ctrl-C is saved as trained so far.
+#'   Python (the query's batch column named as the reference's `batch_key`, and its
+#'   categorical / continuous covariate columns under the reference's
+#'   `categorical_covariate_keys` / `continuous_covariate_keys`). The file holds the
+#'   reference's weights with the trained one-hot columns of the query (batch and
+#'   categorical covariates; scvi-tools' layout after `load_query_data()` + `train()`, the
+#'   library-size encoder enlarged likewise), the query's registry (batch categories and
+#'   each categorical covariate's categories extended, `n_cats_per_key`, number of cells;
+#'   continuous covariates and setup arguments as the reference's), `is_trained_ = TRUE`,
+#'   the train / validation cells and the training history (`model.history`:
+#'   `elbo_train`, `reconstruction_loss_train`, ... as pandas data frames by epoch). The
+#'   saved model serves as the reference of a further query, here or in scvi-tools. A
+#'   model interrupted by Ctrl-C is saved as trained so far.
 #' @param overwrite Replace a `model.pt` already in `save_dir`; otherwise that is a
 #'   `scannot_error_file` error, raised before training.
 #' @param name Name of the stored reduction: Seurat DimReduc (default `"scvi"`, key
@@ -220,7 +226,7 @@ scvi_map_query_run <- function(object, model, batch_key, assay, layer, obs, max_
   r <- rs_call(rs_scvi_map_query(model$path, a$p, a$i, a$x, a$nrow, a$ncol, a$dense,
                                  q$batch, as.character(q$new_levels),
                                  unname(lapply(q$categorical, function(c) as.integer(c$codes))),
-                                 as.integer(vapply(q$categorical, function(c) length(c$new_levels), 1L)),
+                                 unname(lapply(q$categorical, function(c) as.character(c$new_levels))),
                                  unname(lapply(q$continuous, as.double)), epochs, batch_size,
                                  train_size, lr, weight_decay, warmup, early_stopping,
                                  patience, freeze_dropout, seed, n_threads, cb,

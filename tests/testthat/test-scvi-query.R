@@ -110,15 +110,7 @@ test_that("early stopping and unsupported models", {
                       lr = 0.5, n_threads = 1, progress = FALSE)
   expect_true(r$stopped_early)
   expect_lt(nrow(r$history), 400)
-  # saving the query model of a reference with extra covariates is not supported yet
-  # (training it is: test-scvi-query-covs.R)
-  obs_cov <- sq_obs(x)
-  obs_cov[c("cond", "score")] <- utils::read.csv(file.path(sq_dir, "obs.csv"),
-                                                 row.names = 1)[colnames(x), c("cond", "score")]
-  expect_error(scvi_map_query(x, file.path(sq_dir, "covs"), batch_key = "sample",
-                              obs = obs_cov, max_epochs = 1, progress = FALSE,
-                              save_dir = file.path(tempdir(), "scvi-covs-refused")),
-               class = "scannot_error_input")
+  # (covariate references, their training and saved query models: test-scvi-query-covs.R)
   expect_error(scvi_map_query(x, file.path(sq_dir, "scarches"), batch_key = "sample",
                               obs = sq_obs(x), max_epochs = 0, progress = FALSE),
                class = "scannot_error_input")

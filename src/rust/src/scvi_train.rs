@@ -51,7 +51,8 @@ fn history_columns(h: &[scannot_core::scvi::EpochStats]) -> Vec<(String, Vec<f64
 /// scArches query training of an SCVI model and the query latent.
 /// `batch`: 0-based codes in the query model's batch order (reference levels, then the
 /// new levels `new_levels`). `cats`: list per extra categorical covariate (model order) of
-/// 0-based codes (reference levels, then `n_new_cats[k]` new ones); `conts`: list per extra
+/// 0-based codes (reference levels, then the new ones `new_cats[[k]]`, a character vector);
+/// `conts`: list per extra
 /// continuous covariate of double vectors. `max_epochs` < 1: scvi's heuristic. `progress`: NULL or an R
 /// function(epoch, elbo_train, elbo_validation) called after every epoch. `save_dir`: ""
 /// or the folder to write the query model's `model.pt` into (scvi-tools' layout).
@@ -69,7 +70,7 @@ fn rs_scvi_map_query(
     batch: &[i32],
     new_levels: Strings,
     cats: List,
-    n_new_cats: &[i32],
+    new_cats: List,
     conts: List,
     max_epochs: i32,
     batch_size: i32,
@@ -124,17 +125,22 @@ fn rs_scvi_map_query(
                 })
             })
             .collect::<ScResult<_>>()?;
-        let n_new_cats: Vec<usize> = n_new_cats.iter().map(|&k| k.max(0) as usize).collect();
-        if !save_dir.is_empty()
-            && (!m.extra_categorical.is_empty() || !m.extra_continuous.is_empty())
-        {
-            return Err(ScError::Input(
-                "saving the query model of a reference with extra categorical or continuous \
-                 covariates is not supported yet; call without `save_dir` (the latent is \
-                 returned)"
-                    .into(),
-            ));
-        }
+        let new_cats: Vec<Vec<String>> = new_cats
+            .values()
+            .map(|v| {
+                if v.len() == 0 {
+                    return Ok(Vec::new());
+                }
+                v.as_str_vector()
+                    .map(|s| s.iter().map(|x| x.to_string()).collect())
+                    .ok_or_else(|| {
+                        ScError::Input(
+                            "the new levels of a categorical covariate must be character".into(),
+                        )
+                    })
+            })
+            .collect::<ScResult<_>>()?;
+        let n_new_cats: Vec<usize> = new_cats.iter().map(Vec::len).collect();
         let mut s = SurgeryModel::from_model_covs(&m, n_new, &n_new_cats, seed)?;
         let counts = expr_matrix(p, i, x, nrow, ncol, dense)?;
         if batch.iter().any(|&b| b < 0) {
@@ -199,6 +205,7 @@ fn rs_scvi_map_query(
         } else {
             let info = QueryInfo {
                 new_batch_levels: new_levels,
+                new_cat_levels: new_cats,
                 n_obs: data.n_cells(),
                 train_indices: res.train_indices.clone(),
                 validation_indices: res.validation_indices.clone(),

@@ -228,6 +228,9 @@ pub fn write_scvi_model(m: &ScviModelFile, dir: &Path) -> ScResult<PathBuf> {
 pub struct QueryInfo {
     /// the appended batch levels (in code order after the reference's)
     pub new_batch_levels: Vec<String>,
+    /// the appended levels of each extra categorical covariate (the reference's order of
+    /// covariates, each in code order after the reference's levels); empty: none appended
+    pub new_cat_levels: Vec<Vec<String>>,
     /// number of query cells (`n_obs` / `n_cells` of the registry)
     pub n_obs: usize,
     /// 0-based training / validation cells (`train_indices_`, `validation_indices_`)
@@ -279,6 +282,11 @@ fn set_key(d: &Value, key: &str, v: Value) -> Value {
     Value::Dict(items)
 }
 
+/// `d[path[0]][path[1]]...`, if every key is there.
+fn get_path<'a>(d: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(d, |v, k| v.get(k))
+}
+
 /// `d[path[0]][path[1]]...[last] = v`, creating missing dicts.
 fn set_path(d: &Value, path: &[&str], v: Value) -> Value {
     match path {
@@ -288,6 +296,37 @@ fn set_path(d: &Value, path: &[&str], v: Value) -> Value {
             let inner = d.get(k).cloned().unwrap_or(Value::Dict(vec![]));
             set_key(d, k, set_path(&inner, rest, v))
         }
+    }
+}
+
+/// A category mapping (`categorical_mapping`, `mappings[key]`) of `levels`, as an int64
+/// array where the reference's was an integer array and every level is an integer (obs
+/// columns of integer codes, e.g. donor numbers), else as an object array of str.
+fn mapping_array(reference: Option<&Value>, levels: &[String]) -> ScResult<Value> {
+    use crate::pickle::numpy::ArrayData as A;
+    let int_ref = reference
+        .and_then(|v| crate::pickle::numpy::ndarray(v).ok())
+        .is_some_and(|a| {
+            matches!(
+                a.data,
+                A::I8(_)
+                    | A::I16(_)
+                    | A::I32(_)
+                    | A::I64(_)
+                    | A::U8(_)
+                    | A::U16(_)
+                    | A::U32(_)
+                    | A::U64(_)
+            )
+        });
+    let ints: Option<Vec<i64>> = if int_ref {
+        levels.iter().map(|l| l.parse::<i64>().ok()).collect()
+    } else {
+        None
+    };
+    match ints {
+        Some(v) => ndarray(&[v.len()], ArrayOut::I64(&v)),
+        None => ndarray(&[levels.len()], ArrayOut::Str(levels)),
     }
 }
 
@@ -325,12 +364,17 @@ fn join_columns(n_out: usize, n_in: usize, w: &[f32], wc: &[f32]) -> Vec<f32> {
 
 /// The scArches query model as scvi-tools' `load_query_data` + `train` leaves it, ready for
 /// [`write_scvi_model`]: every tensor of `reference`, the FC layers that take the batch
-/// replaced by `model`'s trained weights (feature columns, then the covariate columns of the
-/// reference's batches and the new ones), `l_encoder`'s first layer enlarged like the others
-/// (new columns `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, as torch initialises them; scvi-tools
-/// trains them but they are unused with the observed library size), and an `attr_dict`
-/// with the query's registry (batch categories extended, `n_obs`), `is_trained_ = True`,
-/// the query's train / validation cells and its training history ([`QueryInfo::history`]).
+/// replaced by `model`'s trained weights (feature columns with the continuous covariates',
+/// then the one-hot columns: the reference's batch and categorical-covariate columns and,
+/// appended after all of them as `load_query_data` pads, the new ones), `l_encoder`'s first
+/// layer enlarged like the others (new columns `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, as
+/// torch initialises them; scvi-tools trains them but they are unused with the observed
+/// library size), and an `attr_dict` with the query's registry (batch categories and each
+/// extra categorical covariate's `mappings` / `n_cats_per_key` extended, `n_obs`),
+/// `is_trained_ = True`, the query's train / validation cells and its training history
+/// ([`QueryInfo::history`]). The continuous covariates' registry entries, `setup_args` and
+/// `init_params_` stay the reference's (scvi-tools derives `n_cats_per_cov` and
+/// `n_continuous_cov` from the registry when it loads the model).
 pub fn query_model_file(
     reference: &ScviModelFile,
     model: &SurgeryModel,
@@ -353,12 +397,60 @@ pub fn query_model_file(
             "new batch levels for a model without batch_key: the query cannot be registered",
         ));
     }
-    let old_cov = if reference.n_batch > 1 {
-        reference.n_batch
+    let n_cats = reference.extra_categorical.len();
+    let no_new: Vec<Vec<String>> = vec![Vec::new(); n_cats];
+    let new_cats = if info.new_cat_levels.is_empty() {
+        &no_new
     } else {
-        0
+        &info.new_cat_levels
     };
-    let new_cov = if n_batch > 1 { n_batch } else { 0 };
+    if new_cats.len() != n_cats {
+        return Err(ierr(format!(
+            "new levels were given for {} categorical covariates but the reference has {n_cats}",
+            new_cats.len()
+        )));
+    }
+    let cat_levels: Vec<usize> = reference
+        .extra_categorical
+        .iter()
+        .zip(new_cats)
+        .map(|((_, c), n)| c.len() + n.len())
+        .collect();
+    if model.cat_levels() != cat_levels.as_slice()
+        || model.n_cont() != reference.extra_continuous.len()
+    {
+        return Err(ierr(format!(
+            "the trained model (categorical covariate levels {:?}, {} continuous covariates) \
+             does not extend this reference (levels {cat_levels:?}, {} continuous)",
+            model.cat_levels(),
+            model.n_cont(),
+            reference.extra_continuous.len()
+        )));
+    }
+    // a new level must be new: the registry maps each name to one code
+    let dup = |old: &[String], new: &[String], what: &str| -> ScResult<()> {
+        for (k, l) in new.iter().enumerate() {
+            if old.contains(l) || new[..k].contains(l) {
+                return Err(ierr(format!(
+                    "the new {what} level '{l}' is already a level of the query model"
+                )));
+            }
+        }
+        Ok(())
+    };
+    dup(&reference.batch_mapping, &info.new_batch_levels, "batch")?;
+    for ((key, old), new) in reference.extra_categorical.iter().zip(new_cats) {
+        dup(old, new, &format!("'{key}'"))?;
+    }
+    // one-hot widths as FCLayers has them: a covariate with one level has no column
+    let width = |k: usize| if k > 1 { k } else { 0 };
+    let old_cov = width(reference.n_batch)
+        + reference
+            .extra_categorical
+            .iter()
+            .map(|(_, c)| width(c.len()))
+            .sum::<usize>();
+    let new_cov = width(n_batch) + cat_levels.iter().map(|&k| width(k)).sum::<usize>();
     let mut q = reference.clone();
     for lw in model.layer_weights() {
         let key = format!("{}.weight", lw.key);
@@ -463,15 +555,29 @@ pub fn query_model_file(
         q.batch_mapping
             .extend(info.new_batch_levels.iter().cloned());
         q.n_batch = n_batch;
-        reg = set_path(
-            &reg,
-            &[FR, "batch", "state_registry", "categorical_mapping"],
-            ndarray(&[q.batch_mapping.len()], ArrayOut::Str(&q.batch_mapping))?,
-        );
+        let path = [FR, "batch", "state_registry", "categorical_mapping"];
+        let old = get_path(&reg, &path).cloned();
+        reg = set_path(&reg, &path, mapping_array(old.as_ref(), &q.batch_mapping)?);
         reg = set_path(
             &reg,
             &[FR, "batch", "summary_stats", "n_batch"],
             Value::Int(n_batch as i64),
+        );
+    }
+    // extra categorical covariates: {'mappings': {key: levels}, 'field_keys': [...],
+    // 'n_cats_per_key': [...]} as CategoricalJointObsField.transfer_field(extend_categories)
+    if new_cats.iter().any(|n| !n.is_empty()) {
+        const CC: &str = "extra_categorical_covs";
+        for ((key, levels), new) in q.extra_categorical.iter_mut().zip(new_cats) {
+            levels.extend(new.iter().cloned());
+            let path = [FR, CC, "state_registry", "mappings", key.as_str()];
+            let old = get_path(&reg, &path).cloned();
+            reg = set_path(&reg, &path, mapping_array(old.as_ref(), levels)?);
+        }
+        reg = set_path(
+            &reg,
+            &[FR, CC, "state_registry", "n_cats_per_key"],
+            Value::List(cat_levels.iter().map(|&k| Value::Int(k as i64)).collect()),
         );
     }
     // a fresh id per saved model (as a new AnnData setup gets), not derived from the seed
@@ -507,4 +613,94 @@ pub fn query_model_file(
     // in the form a reader gives back (protocol 2 spells bytes as _codecs.encode calls)
     q.attr_dict = pickle::parse(&pickle::writer::write_protocol2(&attr)?)?;
     Ok(q)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pickle::numpy::{ndarray as read_array, ArrayData};
+
+    #[test]
+    fn integer_mappings_stay_integer() {
+        let ints = ndarray(&[2], ArrayOut::I64(&[0, 1])).unwrap();
+        let strs = ndarray(&[2], ArrayOut::Str(&["0".into(), "1".into()])).unwrap();
+        let levels: Vec<String> = ["0", "1", "7"].iter().map(|s| s.to_string()).collect();
+        let a = read_array(&mapping_array(Some(&ints), &levels).unwrap()).unwrap();
+        assert_eq!(a.data, ArrayData::I64(vec![0, 1, 7]));
+        // a level that is no integer, a str reference or none: object array of str
+        let mixed: Vec<String> = ["0", "1", "q"].iter().map(|s| s.to_string()).collect();
+        for (r, l) in [
+            (Some(&ints), &mixed),
+            (Some(&strs), &levels),
+            (None, &levels),
+        ] {
+            let a = read_array(&mapping_array(r, l).unwrap()).unwrap();
+            assert_eq!(a.to_strings().as_ref(), Some(l));
+        }
+    }
+
+    /// a reference whose batch and cond columns were integer codes: the query model's
+    /// mappings are int64 arrays with the new levels appended
+    #[test]
+    fn query_model_keeps_integer_mappings() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../tests/testthat/fixtures/scvi/covs");
+        let mut r = super::super::read_scvi_model(&dir).unwrap();
+        const FR: &str = "field_registries";
+        let reg = r.attr_dict.get("registry_").unwrap().clone();
+        let reg = set_path(
+            &reg,
+            &[FR, "batch", "state_registry", "categorical_mapping"],
+            ndarray(&[2], ArrayOut::I64(&[10, 11])).unwrap(),
+        );
+        let reg = set_path(
+            &reg,
+            &[
+                FR,
+                "extra_categorical_covs",
+                "state_registry",
+                "mappings",
+                "cond",
+            ],
+            ndarray(&[3], ArrayOut::I64(&[1, 2, 3])).unwrap(),
+        );
+        r.attr_dict = set_key(&r.attr_dict, "registry_", reg);
+        r.batch_mapping = vec!["10".into(), "11".into()];
+        r.extra_categorical[0].1 = vec!["1".into(), "2".into(), "3".into()];
+        let s = SurgeryModel::from_model_covs(&r, 1, &[1], 0).unwrap();
+        let info = QueryInfo {
+            new_batch_levels: vec!["12".into()],
+            new_cat_levels: vec![vec!["4".into()]],
+            n_obs: 5,
+            ..Default::default()
+        };
+        let q = query_model_file(&r, &s, &info).unwrap();
+        let back = super::super::parse_scvi_model(&scvi_model_bytes(&q).unwrap()).unwrap();
+        let fr = back
+            .attr_dict
+            .get("registry_")
+            .and_then(|x| x.get(FR))
+            .unwrap();
+        let b = get_path(fr, &["batch", "state_registry", "categorical_mapping"]).unwrap();
+        assert_eq!(
+            read_array(b).unwrap().data,
+            ArrayData::I64(vec![10, 11, 12])
+        );
+        let c = get_path(
+            fr,
+            &[
+                "extra_categorical_covs",
+                "state_registry",
+                "mappings",
+                "cond",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            read_array(c).unwrap().data,
+            ArrayData::I64(vec![1, 2, 3, 4])
+        );
+        assert_eq!(back.batch_mapping, ["10", "11", "12"]);
+        assert_eq!(back.extra_categorical[0].1, ["1", "2", "3", "4"]);
+    }
 }

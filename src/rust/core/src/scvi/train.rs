@@ -897,6 +897,14 @@ impl SurgeryModel {
     pub fn n_batch(&self) -> usize {
         self.n_batch
     }
+    /// Levels of each extra categorical covariate (the reference's and the appended ones).
+    pub fn cat_levels(&self) -> &[usize] {
+        &self.cat_levels
+    }
+    /// Number of extra continuous covariates.
+    pub fn n_cont(&self) -> usize {
+        self.n_cont
+    }
 
     /// The trainable covariate columns, per encoder layer then decoder layer (`n_cov x n_out`).
     pub fn covariate_weights(&self) -> Vec<&[f32]> {

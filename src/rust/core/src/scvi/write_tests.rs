@@ -153,6 +153,7 @@ fn query_model() -> (ScviModelFile, SurgeryModel, ScviModelFile) {
     }
     let info = QueryInfo {
         new_batch_levels: vec!["q_a".into(), "q_b".into()],
+        new_cat_levels: vec![],
         n_obs: 300,
         train_indices: (0..270).collect(),
         validation_indices: (270..300).collect(),
@@ -390,4 +391,262 @@ fn batch_norm_query_model_keeps_the_trained_affine_and_the_running_stats() {
         let key = format!("z_encoder.encoder.fc_layers.Layer 0.1.{k}");
         assert_eq!(back.tensor(&key), reference.tensor(&key), "{key}");
     }
+}
+
+// ------------------------------------------------------- a query model with extra covariates
+
+/// (cond codes in the query model's order x y z w, score) of the surgery_covs query: cond
+/// 'z' of cells 200-299 relabelled 'w' (the new level)
+fn covs_query() -> (Vec<u32>, Vec<f64>) {
+    let text = std::fs::read_to_string(dir().join("obs.csv")).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next().unwrap(), "cell,batch,cond,score");
+    let (mut cond, mut score) = (Vec::new(), Vec::new());
+    for (j, l) in lines.filter(|l| !l.is_empty()).enumerate() {
+        let f: Vec<&str> = l.split(',').collect();
+        cond.push(match (f[2], j >= 200) {
+            ("x", _) => 0,
+            ("y", _) => 1,
+            ("z", false) => 2,
+            ("z", true) => 3,
+            (o, _) => panic!("cond {o}"),
+        });
+        score.push(f[3].parse::<f64>().unwrap());
+    }
+    (cond, score)
+}
+
+fn covs_info() -> QueryInfo {
+    QueryInfo {
+        new_batch_levels: vec!["q_a".into(), "q_b".into()],
+        new_cat_levels: vec![vec!["w".into()]],
+        n_obs: 300,
+        train_indices: (0..270).collect(),
+        validation_indices: (270..300).collect(),
+        seed: 5,
+        history: vec![("elbo_train".into(), vec![300.5, 290.25])],
+    }
+}
+
+/// The `covs` reference (categorical cond x y z, continuous score, encode_covariates, two
+/// layers with deeply injected covariates, batch norm) trained 3 epochs on the query with two
+/// new batches and the new cond level 'w', and its query model.
+fn covs_query_model() -> (ScviModelFile, SurgeryModel, QueryData, ScviModelFile) {
+    let reference = model("covs");
+    assert_eq!(reference.extra_categorical[0].1, ["x", "y", "z"]);
+    assert_eq!(reference.extra_continuous, ["score"]);
+    let mut s = SurgeryModel::from_model_covs(&reference, 2, &[1], 3).unwrap();
+    let (g, n, x, batch) = query();
+    let (cond, score) = covs_query();
+    let data = s
+        .prepare_covs(
+            &ExprMatrix::Dense(DenseView::new(g, n, &x).unwrap()),
+            &batch,
+            &[cond],
+            &[score],
+        )
+        .unwrap();
+    let opts = TrainOptions {
+        max_epochs: Some(3),
+        freeze_dropout: true,
+        n_threads: 1,
+        ..Default::default()
+    };
+    s.train(&data, &opts, &mut |_| {}, &|| false).unwrap();
+    let q = query_model_file(&reference, &s, &covs_info()).unwrap();
+    (reference, s, data, q)
+}
+
+/// scvi-tools' own query model of the same reference and query (`surgery_covs/init`, saved
+/// right after `load_query_data`): same tensors and shapes, the same registry (batch, cond
+/// x y z w with n_cats_per_key [4], score, 300 cells) and setup / init parameters.
+#[test]
+fn covariate_query_model_has_the_layout_of_scvi_tools_query_model() {
+    let (reference, s, _, q) = covs_query_model();
+    let back = parse_scvi_model(&scvi_model_bytes(&q).unwrap()).unwrap();
+    assert_same_model(&q, &back);
+    let scvi_q = model("surgery_covs/init");
+    let shapes = |m: &ScviModelFile| -> Vec<(String, Vec<usize>)> {
+        m.state_dict
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape.clone()))
+            .collect()
+    };
+    assert_eq!(shapes(&back), shapes(&scvi_q));
+    assert_eq!(
+        back.tensor("l_encoder.encoder.fc_layers.Layer 0.0.weight")
+            .unwrap()
+            .shape,
+        [16, 109]
+    );
+    assert_eq!(back.batch_mapping, ["b0", "b1", "q_a", "q_b"]);
+    assert_eq!(back.extra_categorical, scvi_q.extra_categorical);
+    assert_eq!(back.extra_categorical[0].1, ["x", "y", "z", "w"]);
+    assert_eq!(back.extra_continuous, ["score"]);
+    assert_eq!(back.init, scvi_q.init);
+    assert_eq!(back.setup, scvi_q.setup);
+    // the whole field registry is the one scvi-tools wrote for this query (mappings,
+    // n_cats_per_key, field_keys, continuous columns, summary stats, n_obs); numpy arrays
+    // are pickled through numpy.core (numpy 1 and 2 read it), numpy 2 writes numpy._core
+    let fr = |m: &ScviModelFile| {
+        m.attr_dict
+            .get("registry_")
+            .and_then(|r| r.get("field_registries"))
+            .cloned()
+            .unwrap()
+    };
+    let text = |v: &Value| format!("{v:?}").replace("numpy._core.", "numpy.core.");
+    assert_eq!(text(&fr(&back)), text(&fr(&scvi_q)));
+    assert!(fr(&back) != fr(&reference));
+    let cc = fr(&back);
+    let st = cc
+        .get("extra_categorical_covs")
+        .and_then(|c| c.get("state_registry"))
+        .unwrap();
+    assert_eq!(
+        st.get("n_cats_per_key"),
+        Some(&Value::List(vec![Value::Int(4)]))
+    );
+    // the trained layers: feature (and continuous) columns, then all one-hot columns
+    for lw in s.layer_weights() {
+        let t = back.tensor(&format!("{}.weight", lw.key)).unwrap();
+        let n_cov = lw.wc.len() / lw.n_out;
+        assert_eq!(t.shape, [lw.n_out, lw.n_in + n_cov], "{}", lw.key);
+        let v = t.to_f32().unwrap();
+        for o in 0..lw.n_out {
+            let row = &v[o * (lw.n_in + n_cov)..(o + 1) * (lw.n_in + n_cov)];
+            assert_eq!(&row[..lw.n_in], &lw.w[o * lw.n_in..(o + 1) * lw.n_in]);
+            for c in 0..n_cov {
+                assert_eq!(row[lw.n_in + c], lw.wc[c * lw.n_out + o]);
+            }
+        }
+    }
+    // one-hot widths 2 + 3 -> 4 + 4 (layer 0 of the encoder: 100 genes + score first)
+    let r0 = reference
+        .tensor("z_encoder.encoder.fc_layers.Layer 0.0.weight")
+        .unwrap();
+    assert_eq!(r0.shape, [16, 106]);
+    // l_encoder: the reference's 106 columns kept, 3 new ones in torch's init range
+    let key = "l_encoder.encoder.fc_layers.Layer 0.0.weight";
+    let (rl, tl) = (
+        reference.tensor(key).unwrap().to_f32().unwrap(),
+        back.tensor(key).unwrap().to_f32().unwrap(),
+    );
+    let bound = 1.0 / (109f32).sqrt();
+    for o in 0..16 {
+        assert_eq!(rl[o * 106..(o + 1) * 106], tl[o * 109..o * 109 + 106]);
+        assert!(tl[o * 109 + 106..(o + 1) * 109]
+            .iter()
+            .all(|v| v.abs() <= bound && *v != 0.0));
+    }
+    // frozen tensors are the reference's
+    for (k, t) in &back.state_dict {
+        let frozen = !(k.starts_with("z_encoder.encoder.fc_layers")
+            || k.starts_with("decoder.px_decoder.fc_layers")
+            || k.starts_with("l_encoder.encoder.fc_layers.Layer 0.0.weight"));
+        if frozen {
+            assert_eq!(reference.tensor(k), Some(t), "{k}");
+        }
+    }
+}
+
+/// write -> read back: the saved covariate query model gives the trained model's latent
+/// (scannot's encoder with batch, cond and score), and trains on with the same columns.
+#[test]
+fn saved_covariate_query_model_gives_the_trained_latent() {
+    let (_, s, data, q) = covs_query_model();
+    let ours = s.latent(&data, 1).unwrap();
+    let tmp = std::env::temp_dir().join(format!("scannot-write-covs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    write_scvi_model(&q, &tmp).unwrap();
+    let loaded = read_scvi_model(&tmp).unwrap();
+    std::fs::remove_dir_all(&tmp).unwrap();
+    assert_eq!(loaded.extra_categorical[0].1, ["x", "y", "z", "w"]);
+    let enc = ScviEncoder::from_model(&loaded).unwrap();
+    let (g, n, x, batch) = query();
+    let (cond, score) = covs_query();
+    let cov = Covariates {
+        batch: Some(&batch),
+        categorical: vec![&cond],
+        continuous: vec![&score],
+    };
+    let r = enc
+        .latent(&ExprMatrix::Dense(DenseView::new(g, n, &x).unwrap()), &cov)
+        .unwrap();
+    assert_eq!(r.mean.len(), ours.mean.len());
+    let mut max = 0.0f64;
+    for (a, b) in ours.mean.iter().zip(&r.mean) {
+        max = max.max((a - b).abs());
+    }
+    assert!(max < 2e-5, "max |latent difference| {max}");
+    // the new level's columns matter: reading cells of 'w' as 'z' moves their latent
+    let as_z: Vec<u32> = cond.iter().map(|&c| c.min(2)).collect();
+    let cov_z = Covariates {
+        batch: Some(&batch),
+        categorical: vec![&as_z],
+        continuous: vec![&score],
+    };
+    let rz = enc
+        .latent(
+            &ExprMatrix::Dense(DenseView::new(g, n, &x).unwrap()),
+            &cov_z,
+        )
+        .unwrap();
+    let moved = (0..n)
+        .filter(|&j| cond[j] == 3)
+        .any(|j| (rz.mean[j] - r.mean[j]).abs() > 1e-4);
+    assert!(moved);
+    // the saved model is a reference again: no new levels, the same trained columns
+    let again = SurgeryModel::from_model_covs(&loaded, 0, &[0], 9).unwrap();
+    assert_eq!(again.layer_weights(), s.layer_weights());
+    assert_eq!(again.cat_levels(), [4]);
+}
+
+#[test]
+fn mismatched_covariate_query_models_are_refused() {
+    let reference = model("covs");
+    let s = SurgeryModel::from_model_covs(&reference, 2, &[1], 0).unwrap();
+    let bad = |info: QueryInfo| query_model_file(&reference, &s, &info).unwrap_err();
+    // the model has 4 cond levels: no new level given, or two
+    for new in [vec![], vec![vec![]], vec![vec!["w".into(), "v".into()]]] {
+        let e = bad(QueryInfo {
+            new_cat_levels: new,
+            ..covs_info()
+        });
+        assert_eq!(e.kind(), "input", "{e}");
+    }
+    // a new level that is already one
+    let e = bad(QueryInfo {
+        new_cat_levels: vec![vec!["z".into()]],
+        ..covs_info()
+    });
+    assert!(e.to_string().contains("'z'"), "{e}");
+    let e = bad(QueryInfo {
+        new_batch_levels: vec!["q_a".into(), "b1".into()],
+        ..covs_info()
+    });
+    assert!(e.to_string().contains("'b1'"), "{e}");
+    // covariates given for a model without them
+    let plain = model("scarches");
+    let sp = SurgeryModel::from_model(&plain, 2, 0).unwrap();
+    let e = query_model_file(&plain, &sp, &covs_info()).unwrap_err();
+    assert_eq!(e.kind(), "input");
+    // no new level at all: the reference's registry for cond
+    let s0 = SurgeryModel::from_model_covs(&reference, 2, &[0], 0).unwrap();
+    let q = query_model_file(
+        &reference,
+        &s0,
+        &QueryInfo {
+            new_cat_levels: vec![],
+            ..covs_info()
+        },
+    )
+    .unwrap();
+    assert_eq!(q.extra_categorical, reference.extra_categorical);
+    assert_eq!(
+        q.tensor("z_encoder.encoder.fc_layers.Layer 0.0.weight")
+            .unwrap()
+            .shape,
+        [16, 108]
+    );
 }
