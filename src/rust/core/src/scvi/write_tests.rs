@@ -650,3 +650,57 @@ fn mismatched_covariate_query_models_are_refused() {
         [16, 108]
     );
 }
+
+/// The query models scannot saved (fixtures r_query, r_query_bn, r_query_covs, written by
+/// write_r_query_model.R): scvi-tools 1.4.2 loads each and computes, in eval mode at
+/// z = qz.loc, every cell's reconstruction loss and KL (check_r_query_model.py ->
+/// forward_py.csv). scannot's forward of the same file agrees, so the decoder's batch,
+/// categorical and continuous columns are where scvi-tools reads them, not only the
+/// encoder's (which the latent checks).
+#[test]
+fn scvi_tools_forward_of_saved_query_models_is_scannots() {
+    let (g, n, x, batch) = query();
+    let (cond, score) = covs_query();
+    for sub in ["r_query", "r_query_bn", "r_query_covs"] {
+        let m = model(sub);
+        let covs = !m.extra_categorical.is_empty();
+        assert_eq!(covs, sub == "r_query_covs");
+        let new_cats = vec![0; m.extra_categorical.len()];
+        let s = SurgeryModel::from_model_covs(&m, 0, &new_cats, 0).unwrap();
+        let view = ExprMatrix::Dense(DenseView::new(g, n, &x).unwrap());
+        let data = if covs {
+            s.prepare_covs(
+                &view,
+                &batch,
+                std::slice::from_ref(&cond),
+                std::slice::from_ref(&score),
+            )
+        } else {
+            s.prepare(&view, &batch)
+        }
+        .unwrap();
+        let (rec, kl) = s.loss_at_mean(&data, 1).unwrap();
+        let text = std::fs::read_to_string(dir().join(sub).join("forward_py.csv")).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("cell,reconstruction,kl"));
+        let rows: Vec<Vec<f64>> = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| l.split(',').skip(1).map(|v| v.parse().unwrap()).collect())
+            .collect();
+        assert_eq!(rows.len(), n, "{sub}");
+        for (j, r) in rows.iter().enumerate() {
+            assert!(
+                (rec[j] - r[0]).abs() < 2e-5 * r[0].abs(),
+                "{sub} cell {j}: rec {} vs {}",
+                rec[j],
+                r[0]
+            );
+            assert!(
+                (kl[j] - r[1]).abs() < 1e-4 * r[1].abs().max(1.0),
+                "{sub} cell {j}: kl {} vs {}",
+                kl[j],
+                r[1]
+            );
+        }
+    }
+}
