@@ -18,7 +18,7 @@
 //!    at 1M cells) and only one chunk per thread exists at a time, so the extra memory is
 //!    a small fraction of the input.
 //!    For the scanpy flavour the copy is *packed* instead whenever the keys fit (see
-//!    [`extract_csc_packed`]): one `u64` a value, `(key - C) << slot_bits | slot`, with
+//!    `extract_csc_packed`): one `u64` a value, `(key - C) << slot_bits | slot`, with
 //!    one offset `C` for the whole matrix placed from a sample of the values (log1p data:
 //!    always); the value comes back from it exactly, and less the gene's smallest key it
 //!    is already the sorted entry of step 2's slot layout (8 bytes a value, one write
