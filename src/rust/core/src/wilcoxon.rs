@@ -17,6 +17,14 @@
 //!    value. A chunk holds max(2^21, 32 x cells) stored values (20 MB at 29k cells, 320 MB
 //!    at 1M cells) and only one chunk per thread exists at a time, so the extra memory is
 //!    a small fraction of the input.
+//!    For the scanpy flavour the copy is *packed* instead whenever the keys fit (see
+//!    `extract_csc_packed`): one `u64` a value, `(key - C) << slot_bits | slot`, with
+//!    one offset `C` for the whole matrix placed from a sample of the values (log1p data:
+//!    always); the value comes back from it exactly, and less the gene's smallest key it
+//!    is already the sorted entry of step 2's slot layout (8 bytes a value, one write
+//!    stream a gene, no conversion pass). A chunk holding a key outside the window (or a
+//!    NaN) is copied the general way. A packed chunk holds max(2^22, 32 x cells) values
+//!    (32 MB at 29k cells, 256 MB at 1M cells).
 //! 2. **Per gene:** one pass sums values and counts non-zeros per slot and maps each value
 //!    to an order-preserving integer key; an LSD radix sort (two passes of digits sized to
 //!    the gene, three for genes over 65,536 values) orders a window of the leading varying
@@ -203,6 +211,10 @@ struct Setup {
     /// bits that hold a slot (0..=k) in a sorted entry of the slot layout (see
     /// [`sort_gene`])
     slot_bits: u32,
+    /// the *packed copy* (scanpy, CSC; see [`extract_csc_packed`]): the key offset `C`
+    /// such that, as far as a sample of the values tells, every value's key lies in
+    /// `C..C + 2^(64 - slot_bits)`; `None` = the copy of values and slots
+    key_base: Option<u64>,
 }
 
 impl Setup {
@@ -368,7 +380,46 @@ fn build_setup(
         sparse: matches!(m, ExprMatrix::Csc(_)),
         n_universe,
         slot_bits: (u64::BITS - (k as u64).leading_zeros()).max(1),
+        key_base: None,
     })
+}
+
+/// The key offset of the packed copy ([`Setup::key_base`]) from a sample of the stored
+/// values (scanpy flavour, CSC input), or `None` when the sample's keys already span too
+/// wide a range. The sample only places the window: each chunk checks every key, and a
+/// chunk holding a key outside the window is copied the general way (values and slots).
+fn choose_key_base(m: &ExprMatrix, st: &Setup) -> Option<u64> {
+    let ExprMatrix::Csc(c) = m else {
+        return None;
+    };
+    if st.flavor != Flavor::Scanpy {
+        return None;
+    }
+    let x = c.x();
+    let room = 1u64 << (64 - st.slot_bits);
+    let step = (x.len() / 4096).max(1);
+    let (mut lo, mut hi) = (u64::MAX, 0u64);
+    for &v in x.iter().step_by(step) {
+        if v != 0.0 && !v.is_nan() {
+            let k = key64(v);
+            lo = lo.min(k);
+            hi = hi.max(k);
+        }
+    }
+    if lo > hi {
+        // no sampled non-zero: centre the window on zero
+        return Some(SIGN64 - room / 2);
+    }
+    let span = hi - lo;
+    if span >= room {
+        return None;
+    }
+    // the sample's range in the middle of the window, which must end by 2^64 (so that a
+    // key below the window wraps to an offset of at least `room`)
+    Some(
+        lo.saturating_sub((room - 1 - span) / 2)
+            .min(u64::MAX - room + 1),
+    )
 }
 
 /// Per (gene, slot) accumulators of the sweep.
@@ -395,6 +446,9 @@ struct Scratch {
     cursor: Vec<u32>,
     vals: Vec<f64>,
     codes: Vec<u16>,
+    /// the packed copy ([`extract_csc_packed`]), and the cursors before it
+    ent: Vec<u64>,
+    cursor_saved: Vec<u32>,
     // per gene
     packed: Vec<u64>,
     tmp: Vec<u64>,
@@ -444,12 +498,44 @@ fn wilcoxon_chunked(
     opt: &WilcoxonOptions,
     chunk: Option<u64>,
 ) -> ScResult<WilcoxonResult> {
-    let setup = build_setup(m, groups, n_groups, tested, opt)?;
+    wilcoxon_impl(m, groups, n_groups, tested, opt, chunk, KeyBase::Sampled)
+}
+
+/// How [`Setup::key_base`] is chosen.
+#[derive(Debug, Clone, Copy)]
+enum KeyBase {
+    /// [`choose_key_base`]
+    Sampled,
+    /// this offset (tests: a window that misses some values forces the fallback)
+    #[cfg_attr(not(test), allow(dead_code))]
+    Fixed(u64),
+    /// no packed copy
+    #[cfg_attr(not(test), allow(dead_code))]
+    General,
+}
+
+fn wilcoxon_impl(
+    m: &ExprMatrix,
+    groups: &[i32],
+    n_groups: usize,
+    tested: Option<&[usize]>,
+    opt: &WilcoxonOptions,
+    chunk: Option<u64>,
+    key_base: KeyBase,
+) -> ScResult<WilcoxonResult> {
+    let mut setup = build_setup(m, groups, n_groups, tested, opt)?;
+    setup.key_base = match key_base {
+        KeyBase::Sampled => choose_key_base(m, &setup),
+        KeyBase::Fixed(c) => {
+            (matches!(m, ExprMatrix::Csc(_)) && setup.flavor == Flavor::Scanpy).then_some(c)
+        }
+        KeyBase::General => None,
+    };
     let n_genes = m.nrow();
     let ns = setup.n_slots();
     let mut stats = vec![SlotStat::default(); n_genes * ns];
 
-    let plan = plan_work(m, chunk)?;
+    let plan = plan_work(m, chunk, setup.key_base.is_some())?;
     // split the output into the parts' disjoint slices
     let mut parts: Vec<(&[usize], &mut [SlotStat])> = Vec::with_capacity(plan.parts.len());
     let mut rest: &mut [SlotStat] = &mut stats;
@@ -484,7 +570,9 @@ struct Plan {
     row_nnz: Vec<u64>,
 }
 
-fn plan_work(m: &ExprMatrix, chunk: Option<u64>) -> ScResult<Plan> {
+/// `packed`: the chunks will be packed copies (8 bytes a value, not 10), whose best size
+/// on the seed-scale benchmark is twice the general copy's (fewer passes over the cells).
+fn plan_work(m: &ExprMatrix, chunk: Option<u64>, packed: bool) -> ScResult<Plan> {
     let n_genes = m.nrow();
     let threads = rayon::current_num_threads().max(1);
     let ncol = m.ncol().max(1) as u64;
@@ -505,7 +593,11 @@ fn plan_work(m: &ExprMatrix, chunk: Option<u64>) -> ScResult<Plan> {
     // (at most 2^30, so that a chunk, which may pass the target by one gene of < 2^31
     // values, holds fewer than 2^32 values: `Scratch::fill` is u32)
     let chunk_target = chunk
-        .unwrap_or_else(|| (1u64 << 21).max(32 * ncol).min(part_target.max(1 << 16)))
+        .unwrap_or_else(|| {
+            (1u64 << if packed { 22 } else { 21 })
+                .max(32 * ncol)
+                .min(part_target.max(1 << 16))
+        })
         .min(1 << 30);
     let mut parts = Vec::new();
     let mut bounds = vec![0usize];
@@ -602,8 +694,26 @@ fn run_part(
         }));
     }
     let mut nan = false;
+    // the packed copy until a chunk holds a key outside its window (then the general copy
+    // for the rest of the part)
+    let mut packed = st.key_base.is_some();
     for w in bounds.windows(2) {
         let (g0, g1) = (w[0], w[1]);
+        if let (ExprMatrix::Csc(c), Some(cb), true) = (m, st.key_base, packed) {
+            sc.cursor_saved.clone_from(&sc.cursor);
+            if extract_csc_packed(c, g0, g1, row_nnz, st, cb, sc) {
+                let ent = std::mem::take(&mut sc.ent);
+                for r in 0..(g1 - g0) {
+                    let (a, b) = (sc.counts[r], sc.fill[r] as usize);
+                    let o = (g0 - base + r) * ns;
+                    nan |= gene_kernel_packed(&ent[a..b], st, cb, sc, &mut out[o..o + ns]);
+                }
+                sc.ent = ent;
+                continue;
+            }
+            std::mem::swap(&mut sc.cursor, &mut sc.cursor_saved);
+            packed = false;
+        }
         match m {
             ExprMatrix::Csc(c) => extract_csc(c, g0, g1, row_nnz, st, sc),
             ExprMatrix::Dense(d) => extract_dense(d, g0, g1, st, sc),
@@ -720,6 +830,81 @@ fn extract_csc(c: &CscView, g0: usize, g1: usize, row_nnz: &[u64], st: &Setup, s
         }
         *cur = k as u32;
     }
+}
+
+/// [`extract_csc`] into the *packed copy* (scanpy flavour): one `u64` a non-zero,
+/// `(key64(v) - cb) << slot_bits | slot` in `sc.ent` (one write stream a gene instead of
+/// two, 8 bytes a value instead of 10), which is, less the gene's smallest key, the
+/// sorted entry of the slot layout ([`sort_gene`]), and from which the value comes back
+/// exactly. Returns false, leaving the cursors moved, when a key falls outside
+/// `cb..cb + 2^(64 - slot_bits)` (NaN, or a value far from the sampled ones): the caller
+/// then copies the chunk the general way.
+#[inline(never)]
+fn extract_csc_packed(
+    c: &CscView,
+    g0: usize,
+    g1: usize,
+    row_nnz: &[u64],
+    st: &Setup,
+    cb: u64,
+    sc: &mut Scratch,
+) -> bool {
+    let nr = g1 - g0;
+    let (p, ii, x) = (c.p(), c.i(), c.x());
+    sc.counts.clear();
+    sc.counts.push(0);
+    let mut acc = 0usize;
+    for &n in &row_nnz[g0..g1] {
+        acc += n as usize;
+        sc.counts.push(acc);
+    }
+    // grow only: slots past a gene's fill are never read, so stale values may stay
+    if sc.ent.len() < acc {
+        sc.ent.resize(acc, 0);
+    }
+    sc.fill.clear();
+    sc.fill.extend(sc.counts[..nr].iter().map(|&c| c as u32));
+    let (g0i, g1i) = (g0 as i32, g1 as i32);
+    let sb = st.slot_bits;
+    let (ent, fill) = (&mut sc.ent[..], &mut sc.fill[..]);
+    let cursor = &mut sc.cursor[..];
+    let slot_of_cell = &st.slot_of_cell[..];
+    let ncol = cursor.len();
+    // OR of every key offset: a bit at or above 64 - sb means a key outside the window
+    let mut seen = 0u64;
+    for j in 0..ncol {
+        if j + PREFETCH < ncol {
+            let q = cursor[j + PREFETCH] as usize;
+            prefetch(ii.as_ptr().wrapping_add(q) as *const u8);
+            prefetch(x.as_ptr().wrapping_add(q) as *const u8);
+        }
+        let cur = &mut cursor[j];
+        let s = slot_of_cell[j];
+        if s == EXCLUDED {
+            continue;
+        }
+        let s = s as u64;
+        let b = p[j + 1] as usize;
+        let mut k = *cur as usize;
+        while k < b {
+            let r = ii[k];
+            if r >= g1i {
+                break;
+            }
+            let v = x[k];
+            if v != 0.0 {
+                let r = (r - g0i) as usize;
+                let off = key64(v).wrapping_sub(cb);
+                seen |= off;
+                let pos = fill[r];
+                ent[pos as usize] = (off << sb) | s;
+                fill[r] = pos + 1;
+            }
+            k += 1;
+        }
+        *cur = k as u32;
+    }
+    seen >> (64 - sb) == 0
 }
 
 /// How many cells ahead [`extract_csc`] prefetches.
@@ -925,6 +1110,79 @@ fn gene_kernel_t<const PRESTO: bool>(
             walk_rest::<PRESTO, false>(vals, codes, shift, sb, st, sc, n_neg)
         }
     };
+    write_out::<PRESTO>(sc, &tie, out);
+}
+
+/// Inverse of [`key64`].
+#[inline(always)]
+fn unkey64(k: u64) -> f64 {
+    f64::from_bits(if k & SIGN64 != 0 { k ^ SIGN64 } else { !k })
+}
+
+/// [`gene_kernel`] (scanpy) on the gene's slice of the packed copy
+/// ([`extract_csc_packed`]): the same sums (values decoded exactly, added in the same
+/// cell order), the same sorted entries (the packed entries less the gene's smallest
+/// key, see [`sort_packed`]) and the same walks, so the same bits out.
+#[inline(never)]
+fn gene_kernel_packed(
+    ent: &[u64],
+    st: &Setup,
+    cb: u64,
+    sc: &mut Scratch,
+    out: &mut [SlotStat],
+) -> bool {
+    let ns = st.n_slots();
+    let sb = st.slot_bits;
+    let smask = (1u64 << sb) - 1;
+    sc.nnz.clear();
+    sc.nnz.resize(ns, 0);
+    sc.sum.clear();
+    sc.sum.resize(ns, 0.0);
+    let (mut lo, mut hi) = (u64::MAX, 0u64);
+    // offsets below this are keys of negative values
+    let neg = SIGN64.saturating_sub(cb);
+    let mut n_neg = 0usize;
+    {
+        let (nnz, sum) = (&mut sc.nnz[..], &mut sc.sum[..]);
+        for &e in ent {
+            let c = (e & smask) as usize;
+            let k = e >> sb;
+            nnz[c] += 1;
+            sum[c] += unkey64(k + cb);
+            lo = lo.min(k);
+            hi = hi.max(k);
+            n_neg += (k < neg) as usize;
+        }
+    }
+    sc.rnnz.clone_from(&sc.nnz);
+    let tie = if ent.is_empty() {
+        sc.packed.clear();
+        walk_any::<false, true>(0, sb, st, sc, n_neg)
+    } else {
+        let shift = sort_packed(ent, lo, hi, sb, sc);
+        walk_any::<false, true>(shift, sb, st, sc, n_neg)
+    };
+    write_out::<false>(sc, &tie, out);
+    sc.sum.iter().any(|s| s.is_nan()) && ent.iter().any(|&e| unkey64((e >> sb) + cb).is_nan())
+}
+
+/// The walk of the mode (rest or reference) on sorted entries in `sc.packed`.
+fn walk_any<const PRESTO: bool, const SLOT: bool>(
+    shift: u32,
+    sb: u32,
+    st: &Setup,
+    sc: &mut Scratch,
+    n_neg: usize,
+) -> Tie {
+    if st.ref_mode {
+        walk_reference::<PRESTO, SLOT>(&[], &[], shift, sb, st, sc, n_neg)
+    } else {
+        walk_rest::<PRESTO, SLOT>(&[], &[], shift, sb, st, sc, n_neg)
+    }
+}
+
+/// The kernel's results into the gene's output row.
+fn write_out<const PRESTO: bool>(sc: &Scratch, tie: &Tie, out: &mut [SlotStat]) {
     for (s, o) in out.iter_mut().enumerate() {
         *o = SlotStat {
             rank: if PRESTO {
@@ -934,12 +1192,111 @@ fn gene_kernel_t<const PRESTO: bool>(
             },
             sum: sc.sum[s],
             nnz: sc.nnz[s],
-            tie: match &tie {
+            tie: match tie {
                 Tie::Gene(t) => *t,
                 Tie::PerSlot => sc.corr.get(s).map_or(0.0, |&c| c as f64),
             },
         };
     }
+}
+
+/// [`sort_gene`] in the slot layout for packed entries (`ent`: `k << sb | slot`, key
+/// offsets `k` in `lo..=hi`): leaves in `sc.packed` exactly what [`sort_gene`] leaves for
+/// the same values (entries `(k - lo) << sb | slot`; the same window `shift`), without
+/// a conversion pass: the radix passes subtract `lo << sb` on the fly.
+#[inline(never)]
+fn sort_packed(ent: &[u64], lo: u64, hi: u64, sb: u32, sc: &mut Scratch) -> u32 {
+    let n = ent.len();
+    let off = lo << sb;
+    let bits = 64 - (hi - lo).leading_zeros();
+    if n <= 64 {
+        sc.packed.clear();
+        sc.packed.extend(ent.iter().map(|&e| e - off));
+        insertion_sort(&mut sc.packed);
+        return 0;
+    }
+    let w = (usize::BITS - n.leading_zeros())
+        .saturating_sub(2)
+        .clamp(6, 10);
+    if n < 65536 {
+        radix_packed::<2>(ent, off, bits, w, sb, sc)
+    } else {
+        radix_packed::<3>(ent, off, bits, 11, sb, sc)
+    }
+}
+
+/// [`radix`] on packed entries (see [`sort_packed`]).
+fn radix_packed<const P: usize>(
+    ent: &[u64],
+    off: u64,
+    bits: u32,
+    w: u32,
+    sb: u32,
+    sc: &mut Scratch,
+) -> u32 {
+    let n = ent.len();
+    let shift = bits.saturating_sub(w * P as u32);
+    let nb = 1usize << w;
+    let mask = (nb - 1) as u64;
+    sc.hist.clear();
+    sc.hist.resize(P * nb, 0);
+    if sc.tmp.len() < n {
+        sc.tmp.resize(n, 0);
+    }
+    if sc.packed.len() < n {
+        sc.packed.resize(n, 0);
+    }
+    let sh0 = sb + shift;
+    {
+        let hist = &mut sc.hist[..];
+        for &e in ent {
+            let win = (e - off) >> sh0;
+            hist[(win & mask) as usize] += 1;
+            hist[nb + ((win >> w) & mask) as usize] += 1;
+            if P == 3 {
+                hist[2 * nb + ((win >> (2 * w)) & mask) as usize] += 1;
+            }
+        }
+    }
+    // the first pass that moves anything reads `ent` (subtracting `off`), later ones
+    // `sc.packed`
+    let mut moved = false;
+    for d in 0..P {
+        let sh = sh0 + d as u32 * w;
+        let hist = &mut sc.hist[d * nb..(d + 1) * nb];
+        // a digit that is the same everywhere needs no pass
+        if hist[(((ent[0] - off) >> sh) & mask) as usize] as usize == n {
+            continue;
+        }
+        let mut acc = 0u32;
+        for c in hist.iter_mut() {
+            let t = *c;
+            *c = acc;
+            acc += t;
+        }
+        let dst = &mut sc.tmp[..n];
+        let sub = if moved { 0 } else { off };
+        let src = if moved { &sc.packed[..n] } else { ent };
+        for &e in src {
+            let x = e - sub;
+            let b = ((x >> sh) & mask) as usize;
+            // SAFETY: as in [`radix`]: b <= mask < nb = hist.len(), and hist[b] stays
+            // below n = dst.len().
+            unsafe {
+                let h = hist.get_unchecked_mut(b);
+                *dst.get_unchecked_mut(*h as usize) = x;
+                *h += 1;
+            }
+        }
+        std::mem::swap(&mut sc.packed, &mut sc.tmp);
+        moved = true;
+    }
+    if !moved {
+        sc.packed.clear();
+        sc.packed.extend(ent.iter().map(|&e| e - off));
+    }
+    sc.packed.truncate(n);
+    shift
 }
 
 /// The tie term of a gene: one for all slots (rest), or per slot in `Scratch::corr`
@@ -2496,6 +2853,118 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Every field of two results, bit for bit (NaN included).
+    fn same_bits(a: &WilcoxonResult, b: &WilcoxonResult) -> bool {
+        let f = |r: &WilcoxonResult| -> Vec<u64> {
+            [
+                &r.score,
+                &r.logfc,
+                &r.pval,
+                &r.padj,
+                &r.pts,
+                &r.pts_rest,
+                &r.auc,
+                &r.u,
+                &r.mean_in,
+                &r.mean_out,
+            ]
+            .iter()
+            .flat_map(|v| v.iter().map(|x| x.to_bits()))
+            .collect()
+        };
+        (a.n_genes, &a.tested, &a.n_in, &a.n_out, &a.group, &a.gene)
+            == (b.n_genes, &b.tested, &b.n_in, &b.n_out, &b.group, &b.gene)
+            && f(a) == f(b)
+    }
+
+    #[test]
+    fn packed_copy_matches_general_copy_and_falls_back() {
+        // values of both signs over many binary orders, ties, explicit zeros, NA cells;
+        // the packed copy (scanpy, CSC), the general copy, and packed copies whose window
+        // misses some values (a chunk then falls back to the general copy) must agree bit
+        // for bit, with any chunking and thread count
+        let (nrow, ncol) = (41, 300);
+        let d: Vec<f64> = (0..nrow * ncol)
+            .map(|k| {
+                let h = (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+                if k % nrow < 15 {
+                    // the first genes: zeros and values in [1, 2) only, so that with the
+                    // window from 1.0 their chunks stay packed until a later one falls
+                    // back
+                    return if h % 3 == 0 {
+                        0.0
+                    } else {
+                        1.0 + ((h >> 8) % 9) as f64 / 9.0
+                    };
+                }
+                match h % 10 {
+                    0..=4 => 0.0,
+                    5 => ((h >> 8) % 7) as f64 * 0.5,
+                    6 => -(((h >> 8) % 5) as f64) * 0.25,
+                    7 => ((h >> 8) % 1000) as f64 * 1e-3,
+                    8 => (((h >> 8) % 40) as f64 - 20.0).exp2() * 1.5,
+                    _ => ((h >> 8) % 97) as f64 + 1e6,
+                }
+            })
+            .collect();
+        let groups: Vec<i32> = (0..ncol as i32).map(|j| (j * 7) % 6 - 1).collect();
+        let s = CscOwned::from_dense(nrow, ncol, &d);
+        let m = ExprMatrix::Csc(s.view());
+        for opt in [
+            WilcoxonOptions::default(),
+            WilcoxonOptions {
+                tie_correct: true,
+                ..Default::default()
+            },
+            WilcoxonOptions {
+                reference: Reference::Group(2),
+                tie_correct: true,
+                ..Default::default()
+            },
+        ] {
+            let general =
+                wilcoxon_impl(&m, &groups, 5, None, &opt, None, KeyBase::General).unwrap();
+            check_against_naive(&d, nrow, &groups, &general, &opt).unwrap();
+            let sampled =
+                wilcoxon_impl(&m, &groups, 5, None, &opt, None, KeyBase::Sampled).unwrap();
+            assert!(same_bits(&sampled, &general));
+            // windows starting at 1.0 (negatives and small values fall outside) or just
+            // below the keys of 1e6 (most values fall outside)
+            for c in [key64(1.0), key64(1e6) - 1] {
+                for chunk in [None, Some(1), Some(200), Some(5000)] {
+                    for threads in [1, 3] {
+                        let r = crate::threads::with_threads(threads, || {
+                            wilcoxon_impl(&m, &groups, 5, None, &opt, chunk, KeyBase::Fixed(c))
+                        })
+                        .unwrap()
+                        .unwrap();
+                        assert!(same_bits(&r, &general), "c {c:x} chunk {chunk:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_copy_reports_nan() {
+        let (nrow, ncol) = (3, 8);
+        let mut d = vec![0.5; nrow * ncol];
+        d[7] = f64::NAN;
+        let groups: Vec<i32> = (0..ncol as i32).map(|j| j % 2).collect();
+        let s = CscOwned::from_dense(nrow, ncol, &d);
+        let m = ExprMatrix::Csc(s.view());
+        let opt = WilcoxonOptions::default();
+        // a window that holds the NaN's key, and the sampled one
+        for kb in [
+            KeyBase::Fixed(key64(0.5)),
+            KeyBase::Fixed(SIGN64),
+            KeyBase::Sampled,
+        ] {
+            let e = wilcoxon_impl(&m, &groups, 2, None, &opt, None, kb).unwrap_err();
+            assert!(matches!(e, ScError::Value(_)), "{kb:?}");
         }
     }
 
