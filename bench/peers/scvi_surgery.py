@@ -1,11 +1,14 @@
 """scvi-tools peer of bench/scvi_surgery.R: train an SCVI reference with the scArches settings,
 then time scArches surgery (load_query_data + train) per epoch.
 
-Usage: python scvi_surgery.py <dir> <threads> <ref_epochs> <query_epochs>
+Usage: python scvi_surgery.py <dir> <threads> <ref_epochs> <query_epochs> [settings]
+settings: "scarches" (default: 2 layers, layer norm, no batch norm, encode_covariates,
+dropout 0.2; reference in <dir>/ref) or "default" (scvi-tools' SCVI defaults: 1 layer,
+batch norm, no layer norm, dropout 0.1; reference in <dir>/ref_default).
 <dir> holds (written by bench/scvi_surgery.R): x.bin i.bin p.bin (genes x cells CSC counts,
 float64 / int32 / int32), genes.txt, batch.txt (batch per cell), set.txt ("ref" / "query").
-Writes <dir>/ref/model.pt (the reference, also used by scannot), <dir>/scvi_latent.csv and
-<dir>/scvi_history.csv (the query run). Prints seconds=<median seconds per query epoch>.
+Writes <dir>/<ref>/model.pt (the reference, also used by scannot), <dir>/<ref>/scvi_latent.csv
+and <dir>/<ref>/scvi_history.csv (the query run). Prints seconds=<median seconds per query epoch>.
 """
 import os
 import sys
@@ -14,7 +17,7 @@ import time
 import numpy as np
 
 
-def main(d, threads, ref_epochs, query_epochs):
+def main(d, threads, ref_epochs, query_epochs, settings="scarches"):
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -37,19 +40,16 @@ def main(d, threads, ref_epochs, query_epochs):
         a.var_names = genes
         return a
 
-    ref_dir = os.path.join(d, "ref")
+    if settings not in ("scarches", "default"):
+        raise SystemExit(f"unknown settings {settings!r}: use scarches or default")
+    ref_dir = os.path.join(d, "ref" if settings == "scarches" else "ref_default")
+    arch = dict(n_layers=2, use_layer_norm="both", use_batch_norm="none",
+                encode_covariates=True, dropout_rate=0.2) if settings == "scarches" else {}
     scvi.settings.seed = 0
     if not os.path.exists(os.path.join(ref_dir, "model.pt")):
         ref = adata(sets == "ref")
         scvi.model.SCVI.setup_anndata(ref, batch_key="batch")
-        model = scvi.model.SCVI(
-            ref,
-            n_layers=2,
-            use_layer_norm="both",
-            use_batch_norm="none",
-            encode_covariates=True,
-            dropout_rate=0.2,
-        )
+        model = scvi.model.SCVI(ref, **arch)
         t0 = time.perf_counter()
         model.train(max_epochs=ref_epochs, accelerator="cpu", enable_progress_bar=False)
         print(f"reference: {ref.n_obs} cells, {ref_epochs} epochs in "
@@ -80,14 +80,15 @@ def main(d, threads, ref_epochs, query_epochs):
         callbacks=[timer],
     )
     h = pd.concat([q.history["elbo_train"], q.history["elbo_validation"]], axis=1)
-    h.to_csv(os.path.join(d, "scvi_history.csv"))
-    np.savetxt(os.path.join(d, "scvi_latent.csv"), q.get_latent_representation(), delimiter=",")
+    h.to_csv(os.path.join(ref_dir, "scvi_history.csv"))
+    np.savetxt(os.path.join(ref_dir, "scvi_latent.csv"), q.get_latent_representation(), delimiter=",")
     per_epoch = float(np.median(timer.t))
-    print(f"scvi-tools {scvi.__version__}: {query.n_obs} query cells x {query.n_vars} genes, "
+    print(f"scvi-tools {scvi.__version__} ({settings} settings): {query.n_obs} query cells x {query.n_vars} genes, "
           f"{threads} threads, epochs {', '.join(f'{t:.2f}' for t in timer.t)} s; "
           f"final elbo_validation {h['elbo_validation'].iloc[-1]:.3f}")
     print(f"seconds={per_epoch:.4f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]),
+         sys.argv[5] if len(sys.argv) > 5 else "scarches")
