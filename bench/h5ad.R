@@ -29,8 +29,9 @@ f <- file.path(dir, "seed.h5ad")
 cat(sprintf("file: %s, %.0f MB\n", f, file.size(f) / 2^20))
 
 # the first read in this R session (page cache warm from the write): it alone pays the
-# kernel's zero fill of fresh mappings and libhdf5's chunk-index walk (both are kept for
-# later reads of the file: released mappings for 10 s, chunk addresses per file version)
+# kernel's zero fill of fresh mappings (kept for 10 s for later reads) and the metadata
+# check in a child process (once per file version); anndata's reads all pay the zero
+# fill of their (float32) arrays
 t_first <- system.time(invisible(read_h5ad(f, as = "list", uns = FALSE)))[["elapsed"]]
 invisible(gc())
 rss0 <- rss_kb("VmRSS")

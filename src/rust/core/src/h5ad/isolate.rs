@@ -390,10 +390,15 @@ fn walk_group(g: &Group, depth: usize, indexed: &HashSet<String>) {
                     let _ = d.shape();
                     let _ = d.filters();
                     let _ = d.chunk();
-                    if d.size() <= 1 << 16 {
+                    // (the data frames' columns are read below, by the reader's code)
+                    let name = d.name();
+                    let in_frame = ["/obs/", "/var/", "/raw/var/"]
+                        .iter()
+                        .any(|p| name.starts_with(p));
+                    if d.size() <= 1 << 16 && !in_frame {
                         let _ = super::read::read_any(&d);
                     }
-                    if !indexed.contains(&d.name()) {
+                    if !indexed.contains(&name) {
                         super::direct::walk_chunks(&d);
                     }
                 }
