@@ -117,7 +117,8 @@ h5ad_elem <- function(path, elem, call = rlang::caller_env()) {
 #' vectors through ALTREP; freed by the garbage collector). Released mappings are kept
 #' for about 10 s (at most 1/8 of RAM, 4 GiB) and reused by the next read, so reading
 #' files one after another skips the kernel's zero fill of fresh memory (the one cost
-#' only the first read of a session pays). Uncompressed matrix arrays are read by
+#' only the first read of a session pays; it starts on a background thread while the
+#' file is checked and `obs` / `var` are read, on Linux 5.14 or later). Uncompressed matrix arrays are read by
 #' several threads straight from the file, at chunk addresses read once per file
 #' version from its chunk index (the version 1 B-tree that h5py and anndata write by
 #' default; other chunk indexes are looked up through libhdf5). Before a file is first read
@@ -151,6 +152,9 @@ read_h5ad <- function(path, as = c("SingleCellExperiment", "Seurat", "list"), la
   as <- rlang::arg_match(as)
   path <- check_h5ad_path(path)
   check_flag(layers); check_flag(raw); check_flag(uns)
+  # the kernel's zero fill of X's large vectors starts on another core while the file is
+  # checked and obs and var are read (errors are left to the reads below)
+  rs_h5ad_prefault(path, "X")
   keys <- rs_call(rs_h5ad_keys(path, "/"), call = call)
   obs <- if ("obs" %in% keys) h5ad_elem(path, "obs", call) else NULL
   var <- if ("var" %in% keys) h5ad_elem(path, "var", call) else NULL

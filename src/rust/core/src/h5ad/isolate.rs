@@ -33,8 +33,15 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 type Key = (String, u64, Option<SystemTime>);
 static VERDICTS: Mutex<Option<HashMap<Key, Result<(), String>>>> = Mutex::new(None);
 
+/// A matrix element the caller will read next, and what to do with its size (stored
+/// values, and whether it is sparse) as soon as the child knows it (start the zero fill
+/// of its memory while the child is still walking).
+pub(crate) type Hint<'a> = (&'a str, &'a dyn Fn(usize, bool));
+
 /// Ok when a child process walked the file's metadata without crashing or hanging.
-pub(crate) fn check(path: &str) -> ScResult<()> {
+/// With a `hint`, the size of the matrix `hint.0` is passed to `hint.1` while the child
+/// walks (only when a child runs: a cached verdict calls nothing).
+pub(crate) fn check_hint(path: &str, hint: Option<Hint>) -> ScResult<()> {
     let meta = std::fs::metadata(path)
         .map_err(|e| ScError::Format(format!("cannot open '{path}': {e}")))?;
     let key: Key = (path.to_string(), meta.len(), meta.modified().ok());
@@ -45,7 +52,7 @@ pub(crate) fn check(path: &str) -> ScResult<()> {
     {
         return v.map_err(ScError::Format);
     }
-    let verdict = in_child(path);
+    let verdict = in_child(path, hint);
     if let Ok(mut m) = VERDICTS.lock() {
         let m = m.get_or_insert_with(HashMap::new);
         if m.len() > 256 {
@@ -56,7 +63,7 @@ pub(crate) fn check(path: &str) -> ScResult<()> {
     verdict.map_err(ScError::Format)
 }
 
-fn in_child(path: &str) -> Result<(), String> {
+fn in_child(path: &str, hint: Option<Hint>) -> Result<(), String> {
     // Fork while holding the HDF5 lock (every HDF5 call of this crate and of hdf5-metno
     // takes it), so no other thread is inside libhdf5 or holds the lock at the fork; the
     // child's only thread owns it (reentrant) and never returns from the closure.
@@ -95,7 +102,9 @@ fn in_child(path: &str) -> Result<(), String> {
                 // SAFETY: writes one byte to this child's pipe end.
                 unsafe { libc::write(ready[1], [1u8].as_ptr().cast(), 1) };
             }
-            let heap = std::panic::catch_unwind(|| child_main(path)).unwrap_or(None);
+            let fd = if have_pipe { ready[1] } else { -1 };
+            let want = hint.map(|h| h.0);
+            let heap = std::panic::catch_unwind(|| child_main(path, want, fd)).unwrap_or(None);
             if let Some(msg) = heap {
                 if have_pipe {
                     // SAFETY: writes the message (at most a few hundred bytes, within
@@ -142,6 +151,38 @@ fn in_child(path: &str) -> Result<(), String> {
         }
     }
     let rd = Fd(if have_pipe { ready[0] } else { -1 });
+    // what the child wrote: its "ready" byte, then the hint's size record (SIZE_TAG), then
+    // a heap error message (text: never SIZE_TAG)
+    let mut got: Vec<u8> = Vec::new();
+    let mut hinted = false;
+    let mut drain = |got: &mut Vec<u8>| {
+        if rd.0 < 0 {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: a non-blocking read into a local buffer from our pipe end.
+            let k = unsafe { libc::read(rd.0, buf.as_mut_ptr().cast(), buf.len()) };
+            if k <= 0 || got.len() > 1 << 16 {
+                break;
+            }
+            got.extend_from_slice(&buf[..k as usize]);
+        }
+        if let (false, Some((_, f))) = (hinted, hint) {
+            if got.len() >= 11 && got[1] == SIZE_TAG {
+                hinted = true;
+                let nnz = u64::from_le_bytes(got[2..10].try_into().unwrap_or([0; 8]));
+                f(nnz as usize, got[10] == 1);
+            }
+        }
+    };
+    if rd.0 >= 0 {
+        // SAFETY: sets O_NONBLOCK on our own pipe end.
+        unsafe {
+            let fl = libc::fcntl(rd.0, libc::F_GETFL);
+            libc::fcntl(rd.0, libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+    }
     if pid < 0 {
         // cannot fork: read as before, with the global heap check in this process
         return super::heapcheck::check(path).map_err(|e| e.to_string());
@@ -154,6 +195,7 @@ fn in_child(path: &str) -> Result<(), String> {
         if r == pid {
             break;
         }
+        drain(&mut got);
         if r < 0 {
             // the child was reaped elsewhere (e.g. a SIGCHLD handler): its verdict is
             // unknown; the global heap check runs here
@@ -176,22 +218,11 @@ fn in_child(path: &str) -> Result<(), String> {
             10
         }));
     }
+    // the child has exited: the rest of what it wrote, then end of file
+    drain(&mut got);
     if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == HEAP_BAD {
-        let mut msg = Vec::new();
-        if rd.0 >= 0 {
-            let mut buf = [0u8; 4096];
-            loop {
-                // SAFETY: reads into a local buffer from our pipe end; the child has
-                // exited, so the read returns what it wrote, then end of file.
-                let k = unsafe { libc::read(rd.0, buf.as_mut_ptr().cast(), buf.len()) };
-                if k <= 0 || msg.len() > 1 << 16 {
-                    break;
-                }
-                msg.extend_from_slice(&buf[..k as usize]);
-            }
-        }
-        // the first byte is the child's "ready"
-        let text = String::from_utf8_lossy(msg.get(1..).unwrap_or(&[])).into_owned();
+        let skip = if got.get(1) == Some(&SIZE_TAG) { 11 } else { 1 };
+        let text = String::from_utf8_lossy(got.get(skip..).unwrap_or(&[])).into_owned();
         return Err(format!(
             "'{path}' is corrupt: {}",
             if text.is_empty() {
@@ -255,18 +286,33 @@ fn close_inherited(path: &str, keep: libc::c_int) {
 /// the "ready" byte on the pipe).
 const HEAP_BAD: libc::c_int = 3;
 
+/// First byte of the child's size record for a [`Hint`] (never in UTF-8 text).
+const SIZE_TAG: u8 = 0xFF;
+
 /// The child's work: find the raw data of the file's numeric datasets (object headers
 /// and chunk indexes only: nothing that reads a global heap), check the global heap
 /// collections in the rest of the file (see [`super::heapcheck`]; the raw data is left
 /// out: in a 400 MB matrix a "GCOL" is only a coincidence of the values, and scanning it
 /// cost more than reading it), then walk the metadata. `Some(message)`: a bad heap.
-fn child_main(path: &str) -> Option<String> {
+fn child_main(path: &str, want: Option<&str>, fd: libc::c_int) -> Option<String> {
     hdf5::silence_errors(true);
     let (skip, indexed) = raw_data(path);
     if let Ok(file) = std::fs::File::open(path) {
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         if let Err(e) = super::heapcheck::scan_except(&file, len, &skip) {
             return Some(e);
+        }
+    }
+    // (after the heap check: opening the element reads its string attributes)
+    if let (Some(elem), true) = (want, fd >= 0) {
+        let m = H5ad::open_unchecked(path).and_then(|f| f.matrix(elem));
+        if let Ok(m) = m {
+            let mut rec = [0u8; 10];
+            rec[0] = SIZE_TAG;
+            rec[1..9].copy_from_slice(&(m.nnz as u64).to_le_bytes());
+            rec[9] = (m.kind != super::MatrixKind::Dense) as u8;
+            // SAFETY: writes 10 bytes from a local array to this child's pipe end.
+            unsafe { libc::write(fd, rec.as_ptr().cast(), rec.len()) };
         }
     }
     walk(path, &indexed);

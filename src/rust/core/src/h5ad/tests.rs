@@ -827,6 +827,22 @@ fn kept_mappings_are_reused() {
     assert!(mem::retained_bytes() >= len + qlen || std::env::var("SCANNOT_MAP_RETAIN").is_ok());
     mem::release_kept();
     assert_eq!(mem::retained_bytes(), 0);
+    // a prefaulted mapping is kept for the next request of its size, zero-filled (here,
+    // not in a test of its own: the kept list is shared by the whole process)
+    let bytes = (6 << 20) + 3;
+    if mem::prefault(bytes) {
+        assert!(!mem::prefault(bytes), "a fitting mapping is kept already");
+        let (p, len) = mem::map(bytes).expect("the prefaulted mapping");
+        assert_eq!(len, 8 << 20);
+        // SAFETY: p is a read-write mapping of len bytes, ours now
+        unsafe {
+            let s = std::slice::from_raw_parts(p.cast::<u8>(), len);
+            assert!(s.iter().all(|&b| b == 0));
+            std::ptr::write_bytes(p.cast::<u8>(), 9, len);
+            mem::unmap(p, len);
+        }
+        mem::release_kept();
+    }
 }
 
 /// A file rewritten at the same path (other chunking, other values) is read from its new
@@ -1104,4 +1120,49 @@ fn heap_scan_skips_raw_data_only() {
     assert!(heapcheck::scan_except(&file, len, &[(0, at as u64)]).is_err());
     assert!(heapcheck::scan_except(&file, len, &[(at as u64 + 1, len)]).is_err());
     let _ = std::fs::remove_file(&path);
+}
+
+/// The checking child reports the size of the matrix the caller reads next (stored
+/// values, sparse or not) while it walks, once per file version; a file whose heap
+/// check fails still gives the heap error, with the hint or without.
+#[test]
+fn open_with_hint_reports_the_matrix_size_once() {
+    use std::cell::RefCell;
+    let p: Vec<i32> = vec![0, 2, 3, 5];
+    let (i, x) = (vec![0, 4, 1, 2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+    let sparse = tmp("hint_sparse.h5ad");
+    let w = H5adWriter::create(&sparse).unwrap();
+    w.write_sparse("X", true, [3, 5], &x, &i, &p, false)
+        .unwrap();
+    w.finish().unwrap();
+    let dense = tmp("hint_dense.h5ad");
+    let w = H5adWriter::create(&dense).unwrap();
+    w.write_dense("X", [4, 3], &[0.5; 12], true).unwrap();
+    w.finish().unwrap();
+    for (path, want) in [(&sparse, (5usize, true)), (&dense, (12, false))] {
+        let got = RefCell::new(Vec::new());
+        let f = H5ad::open_with_hint(path, "X", &|n, s| got.borrow_mut().push((n, s))).unwrap();
+        assert_eq!(*got.borrow(), vec![want], "{path}");
+        assert_eq!(f.matrix("X").unwrap().nnz, want.0);
+        // checked already: no child, no call
+        H5ad::open_with_hint(path, "X", &|n, s| got.borrow_mut().push((n, s))).unwrap();
+        assert_eq!(got.borrow().len(), 1);
+    }
+    // no such element: no call, the file opens
+    let other = tmp("hint_none.h5ad");
+    std::fs::copy(&sparse, &other).unwrap();
+    let got = RefCell::new(0);
+    H5ad::open_with_hint(&other, "layers/nope", &|_, _| *got.borrow_mut() += 1).unwrap();
+    assert_eq!(*got.borrow(), 0);
+    // a bad global heap: the heap error, no size
+    let mut b = std::fs::read(fixture("dense.h5ad")).unwrap();
+    b[3199..3321].iter_mut().for_each(|v| *v = 0);
+    let bad = tmp("hint_zero_heap.h5ad");
+    std::fs::write(&bad, &b).unwrap();
+    let got = RefCell::new(0);
+    match H5ad::open_with_hint(&bad, "X", &|_, _| *got.borrow_mut() += 1) {
+        Err(ScError::Format(m)) => assert!(m.contains("global heap"), "{m}"),
+        other => panic!("expected a format error, got {:?}", other.err()),
+    }
+    assert_eq!(*got.borrow(), 0);
 }
