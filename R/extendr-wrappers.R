@@ -85,6 +85,13 @@ rs_h5ad_read_elem <- function(path, elem) .Call(wrap__rs_h5ad_read_elem, path, e
 #' @noRd
 rs_h5ad_read_matrix <- function(path, elem) .Call(wrap__rs_h5ad_read_matrix, path, elem)
 
+#' Start the kernel's zero fill of the memory a later `rs_h5ad_read_matrix(path, elem)`
+#' will take, on a background thread: while the file's first check runs (the checking
+#' child reports the matrix's size), else now (read_h5ad calls it first, then reads obs
+#' and var). Returns whether the element is a matrix; errors are left to the read.
+#' @noRd
+rs_h5ad_prefault <- function(path, elem) .Call(wrap__rs_h5ad_prefault, path, elem)
+
 #' Write an AnnData file. `items` is a named list in write order: names are element
 #' paths; values are `list(type = "sparse", csr, shape, x, i, p, f32)`,
 #' `list(type = "dense", shape, x, f32)` (x already row-major), or any R object for

@@ -115,9 +115,15 @@ h5ad_elem <- function(path, elem, call = rlang::caller_env()) {
 #'
 #' Memory: the large `x`/`i` vectors live in memory mapped outside R's heap (ordinary R
 #' vectors through ALTREP; freed by the garbage collector). Released mappings are kept
-#' for about 10 s (at most 1/8 of RAM, 4 GiB) and reused by the next read, and the chunk
-#' layout of each file version is cached, so reading files one after another skips the
-#' kernel's zero fill and libhdf5's chunk-index walk. Environment variables:
+#' for about 10 s (at most 1/8 of RAM, 4 GiB) and reused by the next read, so reading
+#' files one after another skips the kernel's zero fill of fresh memory (the one cost
+#' only the first read of a session pays; it starts on a background thread while the
+#' file is checked and `obs` / `var` are read, on Linux 5.14 or later). Uncompressed matrix arrays are read by
+#' several threads straight from the file, at chunk addresses read once per file
+#' version from its chunk index (the version 1 B-tree that h5py and anndata write by
+#' default; other chunk indexes are looked up through libhdf5). Before a file is first read
+#' in a session, a short-lived child process checks its metadata, so that a corrupt or
+#' truncated file is an error rather than a crash of R. Environment variables:
 #' `SCANNOT_MAP_RETAIN=0` returns released mappings at once; `SCANNOT_MAP_HUGE=1` asks
 #' for transparent huge pages (faster on machines where their first touch is cheap).
 #'
@@ -146,6 +152,9 @@ read_h5ad <- function(path, as = c("SingleCellExperiment", "Seurat", "list"), la
   as <- rlang::arg_match(as)
   path <- check_h5ad_path(path)
   check_flag(layers); check_flag(raw); check_flag(uns)
+  # the kernel's zero fill of X's large vectors starts on another core while the file is
+  # checked and obs and var are read (errors are left to the reads below)
+  rs_h5ad_prefault(path, "X")
   keys <- rs_call(rs_h5ad_keys(path, "/"), call = call)
   obs <- if ("obs" %in% keys) h5ad_elem(path, "obs", call) else NULL
   var <- if ("var" %in% keys) h5ad_elem(path, "var", call) else NULL

@@ -1,6 +1,8 @@
 # Benchmark: read the seed-scale h5ad (28,911 cells x 15,674 genes, float32 CSR X written
 # by Python anndata) with scannot::read_h5ad vs anndata.read_h5ad, in one run.
 #   Rscript bench/h5ad.R [python-with-anndata]
+# SCANNOT_BENCH_H5AD=<file>: read that file (e.g. the seed.h5ad of an earlier run) instead
+# of simulating and writing one (which takes about a minute); it is not deleted.
 suppressPackageStartupMessages(library(scannot))
 args <- commandArgs(trailingOnly = TRUE)
 py <- if (length(args)) args[1] else Sys.getenv("SCANNOT_PEER_PYTHON", "/tmp/scannot-anndata-venv/bin/python")
@@ -13,8 +15,12 @@ rss_kb <- function(field) {
   s <- readLines("/proc/self/status")
   as.numeric(sub("[^0-9]*([0-9]+).*", "\\1", grep(paste0("^", field, ":"), s, value = TRUE)))
 }
+load <- function() tryCatch(sub(".*load average: ", "", system("uptime", intern = TRUE)),
+                            error = function(e) "?")
+cat("load average before:", load(), "\n")
+reuse <- Sys.getenv("SCANNOT_BENCH_H5AD")
 dir <- tempfile("scannot-bench-h5ad-"); dir.create(dir)
-local({
+if (!nzchar(reuse) || !file.exists(reuse)) local({
   sim <- simulate_counts(n_cells = 28911, n_genes = 15674, n_types = 8, seed = 2026, as = "list",
                          n_threads = threads)
   x <- normalize_counts(sim$counts, n_threads = threads)
@@ -25,12 +31,13 @@ local({
   system2(py, c("bench/peers/h5ad_anndata.py", "write", dir, ncol(x), nrow(x)))
 })
 invisible(gc())
-f <- file.path(dir, "seed.h5ad")
+f <- if (nzchar(reuse) && file.exists(reuse)) normalizePath(reuse) else file.path(dir, "seed.h5ad")
 cat(sprintf("file: %s, %.0f MB\n", f, file.size(f) / 2^20))
 
 # the first read in this R session (page cache warm from the write): it alone pays the
-# kernel's zero fill of fresh mappings and libhdf5's chunk-index walk (both are kept for
-# later reads of the file: released mappings for 10 s, chunk addresses per file version)
+# kernel's zero fill of fresh mappings (kept for 10 s for later reads) and the metadata
+# check in a child process (once per file version); anndata's reads all pay the zero
+# fill of their (float32) arrays
 t_first <- system.time(invisible(read_h5ad(f, as = "list", uns = FALSE)))[["elapsed"]]
 invisible(gc())
 rss0 <- rss_kb("VmRSS")
@@ -55,4 +62,5 @@ t_peer_first <- as.numeric(sub(".*first_seconds=([0-9.]+).*", "\\1", grep("first
 cat(sprintf("RATIO h5ad read: anndata %.3f s / scannot %.3f s = %.2fx (best of 3 each)\n", t_peer, t_scannot, t_peer / t_scannot))
 cat(sprintf("RATIO h5ad first read in the process: anndata %.3f s / scannot %.3f s = %.2fx\n",
             t_peer_first, t_first, t_peer_first / t_first))
+cat("load average after:", load(), "\n")
 unlink(dir, recursive = TRUE)

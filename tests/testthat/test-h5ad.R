@@ -120,6 +120,28 @@ test_that("large matrices live outside R's heap: same values, no copy, released 
   expect_equal(rs_h5ad_mapped_bytes(), before)
 })
 
+test_that("read_h5ad starts the zero fill of X's memory during the file's first check; same results", {
+  src <- normalizePath(fx("seedlike.h5ad"))
+  plain <- read_h5ad(src, as = "list")
+  f <- tempfile(fileext = ".h5ad")
+  file.copy(src, f)
+  f <- normalizePath(f)  # a file version not checked yet: the checking child runs
+  Sys.setenv(SCANNOT_H5AD_MAPPED_MIN_BYTES = "1")
+  on.exit(Sys.unsetenv("SCANNOT_H5AD_MAPPED_MIN_BYTES"), add = TRUE)
+  expect_true(rs_h5ad_prefault(f, "X"))
+  expect_false(rs_h5ad_prefault(f, "layers/none"))
+  expect_false(rs_h5ad_prefault(tempfile(), "X"))  # errors are left to the read
+  expect_identical(read_h5ad(f, as = "list"), plain)
+  g <- tempfile(fileext = ".h5ad")
+  file.copy(src, g)
+  expect_identical(read_h5ad(normalizePath(g), as = "list"), plain)  # prefault inside
+  bad <- tempfile(fileext = ".h5ad")
+  writeBin(readBin(src, "raw", 3000), bad)
+  expect_false(rs_h5ad_prefault(normalizePath(bad), "X"))
+  expect_error(read_h5ad(bad, as = "list"), class = "scannot_error")
+  invisible(gc())  # finalize the mapped vectors now, not inside a later test
+})
+
 test_that("a released mapping is reused by the next large read (no second zero fill)", {
   skip_if(Sys.getenv("SCANNOT_MAP_RETAIN") == "0")
   f <- normalizePath(fx("dense.h5ad"))

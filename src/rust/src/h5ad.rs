@@ -131,6 +131,21 @@ mod ext_vec {
         (r as SEXP, i as SEXP)
     }
 
+    /// Start faulting in, on a background thread, the mappings that [`alloc`] will take
+    /// for a matrix of `nnz` stored values (`sparse`: also its indices), where it would
+    /// map them (see `scannot_core::h5ad::mem::prefault`).
+    pub(super) fn prefault(nnz: usize, sparse: bool) {
+        let mut live = LIVE.load(Ordering::Relaxed);
+        for (on, esize) in [(true, 8usize), (sparse, 4)] {
+            let bytes = nnz.saturating_mul(esize);
+            if !on || bytes < min_bytes() || live + bytes > mem::mem_total() / 4 {
+                continue;
+            }
+            live += bytes;
+            mem::prefault(bytes);
+        }
+    }
+
     /// A double (`real = true`) or integer vector of length `len`, uninitialized (the
     /// caller fills all of it): mapped memory for large ones, else R's allocation.
     pub(super) fn alloc(real: bool, len: usize) -> Robj {
@@ -433,6 +448,25 @@ fn rs_h5ad_read_matrix(path: &str, elem: &str) -> Result<List> {
     })
 }
 
+/// Start the kernel's zero fill of the memory a later `rs_h5ad_read_matrix(path, elem)`
+/// will take, on a background thread: while the file's first check runs (the checking
+/// child reports the matrix's size), else now (read_h5ad calls it first, then reads obs
+/// and var). Returns whether the element is a matrix; errors are left to the read.
+/// @noRd
+#[extendr]
+fn rs_h5ad_prefault(path: &str, elem: &str) -> bool {
+    let r = guard(|| {
+        let f = H5ad::open_with_hint(path, elem, &ext_vec::prefault)?;
+        if !f.exists(elem) {
+            return Ok(false);
+        }
+        let m = f.matrix(elem)?;
+        ext_vec::prefault(m.nnz, m.kind != MatrixKind::Dense);
+        Ok(true)
+    });
+    r.unwrap_or(false)
+}
+
 fn str_vec(x: &Robj, what: &str) -> ScResult<Vec<Option<String>>> {
     let it = x
         .as_str_iter()
@@ -668,5 +702,6 @@ extendr_module! {
     fn rs_h5ad_exists;
     fn rs_h5ad_read_elem;
     fn rs_h5ad_read_matrix;
+    fn rs_h5ad_prefault;
     fn rs_h5ad_write;
 }

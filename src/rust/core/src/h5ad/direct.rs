@@ -66,7 +66,13 @@ struct Piece {
 
 /// Where the elements of an unfiltered one-dimensional dataset lie in the file, or
 /// `None` when the fast path does not apply.
-fn pieces(ds: &Dataset, n: usize, esize: usize, file_len: u64) -> Option<Vec<Piece>> {
+fn pieces(
+    ds: &Dataset,
+    file: &std::fs::File,
+    n: usize,
+    esize: usize,
+    file_len: u64,
+) -> Option<Vec<Piece>> {
     if ds.size() != n || !ds.filters().is_empty() {
         return None;
     }
@@ -82,6 +88,13 @@ fn pieces(ds: &Dataset, n: usize, esize: usize, file_len: u64) -> Option<Vec<Pie
         let c = *chunk.first()?;
         if c == 0 || chunk.len() != 1 || ds.ndim() != 1 {
             return None;
+        }
+        // the index read from the file's bytes (one visit per node); libhdf5's lookups
+        // below only where it is not understood
+        if let Some(v) = super::chunkidx::dataset_index(ds, file)
+            .and_then(|idx| pieces_from_index(&idx, n, c, esize, file_len))
+        {
+            return Some(v);
         }
         let mut v = Vec::with_capacity(n.div_ceil(c));
         for start in (0..n).step_by(c) {
@@ -115,6 +128,46 @@ fn pieces(ds: &Dataset, n: usize, esize: usize, file_len: u64) -> Option<Vec<Pie
     Some(out)
 }
 
+/// The pieces of `n` elements in chunks of `c` from an index read by
+/// [`super::chunkidx`]: every chunk from 0 to `n` present exactly once, unfiltered,
+/// of full size, inside the file (chunks past `n`, left by a shrunk dataset, are not
+/// read); otherwise `None`.
+fn pieces_from_index(
+    idx: &super::chunkidx::Index1d,
+    n: usize,
+    c: usize,
+    esize: usize,
+    file_len: u64,
+) -> Option<Vec<Piece>> {
+    let bytes = (c as u64).checked_mul(esize as u64)?;
+    if idx.chunk != c as u64 || idx.esize != esize as u64 {
+        return None;
+    }
+    let want = n.div_ceil(c);
+    let mut v = Vec::with_capacity(want);
+    for (k, ch) in idx
+        .chunks
+        .iter()
+        .take_while(|ch| ch.offset[0] < n as u64)
+        .enumerate()
+    {
+        let start = k * c;
+        if ch.offset[0] != start as u64 || ch.size != bytes || ch.mask != 0 {
+            return None;
+        }
+        let len = c.min(n - start);
+        if ch.addr.checked_add(bytes).is_none_or(|e| e > file_len) {
+            return None;
+        }
+        v.push(Piece {
+            start,
+            len,
+            addr: ch.addr,
+        });
+    }
+    (v.len() == want).then_some(v)
+}
+
 fn little_endian(ds: &Dataset) -> bool {
     let Ok(t) = ds.dtype() else { return false };
     // SAFETY: a valid datatype id owned by `t`; H5Tget_order does not take ownership.
@@ -127,9 +180,10 @@ fn little_endian(ds: &Dataset) -> bool {
 /// time (s, ns) of the file; the dataset's path; element count and stored size.
 type LayoutKey = (u64, u64, u64, i64, i64, String, usize, usize);
 
-/// Layouts already looked up. Finding the address of every chunk costs libhdf5 1.10 a
-/// walk of the chunk index from its start per chunk (about 50 ms for the 2,048 chunks
-/// of the seed matrix's values), so a file read again (same inode, length and
+/// Layouts already looked up. The chunk addresses come from [`super::chunkidx`] (one
+/// visit per index node); where it does not understand the index, from libhdf5 1.10,
+/// which walks the chunk index from its start per chunk (about 50 ms for the 2,048
+/// chunks of the seed matrix's values). A file read again (same inode, length and
 /// modification time) reuses them; the reads themselves still check every address
 /// against the file's length.
 static LAYOUTS: Mutex<Vec<(LayoutKey, Arc<Vec<Piece>>)>> = Mutex::new(Vec::new());
@@ -196,7 +250,7 @@ pub(crate) fn layout<T: Raw>(
     let pieces = match cached {
         Some(p) => p,
         None => {
-            let p = Arc::new(merge(pieces(ds, n, esize, meta.len())?, esize));
+            let p = Arc::new(merge(pieces(ds, file, n, esize, meta.len())?, esize));
             if let Ok(mut m) = LAYOUTS.lock() {
                 if m.len() >= 64 {
                     m.remove(0);
@@ -308,8 +362,9 @@ pub(crate) fn advise_huge<T>(buf: &mut [T]) {
     }
 }
 
-/// Look up every chunk of a one-dimensional chunked dataset (for the metadata walk of
-/// [`super::isolate`]: a corrupt chunk index must crash the child, not the reader).
+/// Look up every chunk of a one-dimensional chunked dataset through libhdf5 (for the
+/// metadata walk of [`super::isolate`], for indexes [`super::chunkidx`] does not read:
+/// a corrupt chunk index must crash the child, not the reader).
 pub(crate) fn walk_chunks(ds: &Dataset) {
     let Some(chunk) = ds.chunk() else { return };
     let (n, c) = (ds.size(), chunk.first().copied().unwrap_or(0));

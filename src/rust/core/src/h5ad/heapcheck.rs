@@ -3,11 +3,13 @@
 //! parser loop forever, and an object size that wraps the pointer sends it reading wild
 //! memory. Both happen on truncated or corrupted files the moment a variable-length
 //! string (an `encoding-type` attribute, an index) is read. Before HDF5 reads anything
-//! of a file, [`check`] finds every collection (by its signature, scanning the file in
-//! parallel) and replays the parser's walk over its objects; a walk that would not
-//! advance or would leave the collection makes the file a format error.
-//! The verdict is cached per (path, size, modification time), so a file is scanned once
-//! however many elements are read from it.
+//! of a file, the checking child of [`super::isolate`] finds every collection by its
+//! signature ([`scan_except`]: the file less the raw data of its numeric datasets) and
+//! replays the parser's walk over its objects; a walk that would not advance or would
+//! leave the collection makes the file a format error. Where no child can be started,
+//! [`check`] scans the whole file in parallel in this process. The verdicts are cached
+//! per (path, size, modification time), so a file is scanned once however many elements
+//! are read from it.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -66,6 +68,47 @@ fn scan(file: &std::fs::File, len: u64) -> Result<(), String> {
             }
             Ok(())
         })
+}
+
+/// [`check`]'s scan on this thread only (for the checking child process of
+/// [`super::isolate`], which must not use the thread pool), over the file except the
+/// byte ranges `skip` (sorted, disjoint `[start, end)`: the raw data of numeric
+/// datasets, where a "GCOL" would only be a coincidence of the values).
+pub(crate) fn scan_except(
+    file: &std::fs::File,
+    len: u64,
+    skip: &[(u64, u64)],
+) -> Result<(), String> {
+    let mut buf = Vec::new();
+    let mut at = 0u64;
+    let mut gaps = Vec::with_capacity(skip.len() + 1);
+    for &(a, b) in skip {
+        if a > at {
+            gaps.push((at, a.min(len)));
+        }
+        at = at.max(b);
+    }
+    if at < len {
+        gaps.push((at, len));
+    }
+    for (a, b) in gaps {
+        let mut start = a;
+        while start < b {
+            // overlap by 3 bytes so a signature across two blocks is found once
+            let end = (start + BLOCK).min(b);
+            let stop = (end + 3).min(len);
+            buf.resize((stop - start) as usize, 0);
+            file.read_exact_at(&mut buf, start)
+                .map_err(|e| format!("cannot read the file: {e}"))?;
+            for at in memchr::memmem::find_iter(&buf, b"GCOL") {
+                if start + (at as u64) < end {
+                    check_collection(file, len, start + at as u64)?;
+                }
+            }
+            start = end;
+        }
+    }
+    Ok(())
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {

@@ -104,6 +104,89 @@ pub fn map(bytes: usize) -> Option<(*mut c_void, usize)> {
     Some((ptr, len))
 }
 
+/// Map `bytes` (as [`map`] would) now and have a background thread fault its pages in,
+/// from the end backwards (`MADV_POPULATE_WRITE`, Linux 5.14+; elsewhere nothing is
+/// done), keeping the mapping for the next [`map`] of that size: a reader that knows
+/// which large buffers it will ask for next (`read_h5ad` while it reads `obs` and `var`
+/// before `X`) gets the kernel's zero fill done on an otherwise idle core. Populating
+/// never changes contents, so the thread may go on after the mapping was handed out
+/// (its user's writes win; the thread only spares them page faults). Nothing is done
+/// when reuse is off, a fitting mapping is already kept, or the kept bytes would pass
+/// [`retain_cap`]. Returns whether a mapping was made.
+pub fn prefault(bytes: usize) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let Some(len) = bytes.checked_next_multiple_of(GRAIN) else {
+            return false;
+        };
+        if len == 0 || !retain_on() {
+            return false;
+        }
+        let Ok(mut kept) = KEPT.try_lock() else {
+            return false;
+        };
+        let total: usize = kept.iter().map(|e| e.bytes).sum();
+        if total + len > retain_cap()
+            || kept
+                .iter()
+                .any(|e| e.bytes >= len && e.bytes - len <= len / 8)
+        {
+            return false;
+        }
+        // SAFETY: a fresh mapping chosen by the kernel; failure is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return false;
+        }
+        let addr = ptr as usize;
+        kept.push(Kept {
+            addr,
+            bytes: len,
+            since: Instant::now(),
+        });
+        drop(kept);
+        start_reaper();
+        let _ = std::thread::Builder::new()
+            .name("scannot-prefault".into())
+            .spawn(move || {
+                let mut end = len;
+                while end > 0 {
+                    let start = end.saturating_sub(GRAIN);
+                    // SAFETY: only faults pages of [start, end) in, as a write would, and
+                    // never changes their contents; if the range was unmapped meanwhile
+                    // (not before the reaper's 10 s, or after its user released it) the
+                    // call fails or populates whatever is mapped there now, unchanged.
+                    let r = unsafe {
+                        libc::madvise(
+                            (addr + start) as *mut c_void,
+                            end - start,
+                            libc::MADV_POPULATE_WRITE,
+                        )
+                    };
+                    if r != 0 {
+                        break;
+                    }
+                    end = start;
+                }
+            });
+        true
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = bytes;
+        false
+    }
+}
+
 /// Release a mapping made by [`map`]: kept for reuse (see the module documentation) or
 /// returned to the system.
 ///

@@ -14,6 +14,7 @@
 //! Every failure (not HDF5, truncated, corrupt, not AnnData, unsupported element) is a
 //! [`ScError::Format`](crate::ScError::Format); nothing panics on bad files.
 
+pub(crate) mod chunkidx;
 pub(crate) mod direct;
 mod heapcheck;
 mod isolate;

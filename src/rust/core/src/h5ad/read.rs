@@ -51,15 +51,27 @@ pub struct MatrixInfo {
 impl H5ad {
     /// Open a file and check that it looks like an AnnData file.
     pub fn open(path: &str) -> ScResult<Self> {
+        Self::open_hint(path, None)
+    }
+
+    /// [`H5ad::open`] for a caller that reads the matrix `elem` next: when the file is
+    /// checked now (its first open in this process), `on_size` gets the matrix's stored
+    /// values and whether it is sparse as soon as the checking child knows them, while
+    /// the child still walks the file (to start the zero fill of its memory, see
+    /// [`super::mem::prefault`]); with a cached verdict it is not called.
+    pub fn open_with_hint(path: &str, elem: &str, on_size: &dyn Fn(usize, bool)) -> ScResult<Self> {
+        Self::open_hint(path, Some((elem, on_size)))
+    }
+
+    fn open_hint(path: &str, hint: Option<super::isolate::Hint>) -> ScResult<Self> {
         if !std::path::Path::new(path).is_file() {
             return Err(ScError::Format(format!(
                 "'{path}' does not exist or is not a file"
             )));
         }
         // libhdf5 can hang on a corrupt global heap, and crash or hang on other corrupt
-        // metadata: check the heaps here, then walk the metadata in a child process
-        super::heapcheck::check(path)?;
-        super::isolate::check(path)?;
+        // metadata: a child process checks the heaps, then walks the metadata
+        super::isolate::check_hint(path, hint)?;
         Self::open_unchecked(path)
     }
 

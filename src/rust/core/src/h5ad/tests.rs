@@ -827,6 +827,22 @@ fn kept_mappings_are_reused() {
     assert!(mem::retained_bytes() >= len + qlen || std::env::var("SCANNOT_MAP_RETAIN").is_ok());
     mem::release_kept();
     assert_eq!(mem::retained_bytes(), 0);
+    // a prefaulted mapping is kept for the next request of its size, zero-filled (here,
+    // not in a test of its own: the kept list is shared by the whole process)
+    let bytes = (6 << 20) + 3;
+    if mem::prefault(bytes) {
+        assert!(!mem::prefault(bytes), "a fitting mapping is kept already");
+        let (p, len) = mem::map(bytes).expect("the prefaulted mapping");
+        assert_eq!(len, 8 << 20);
+        // SAFETY: p is a read-write mapping of len bytes, ours now
+        unsafe {
+            let s = std::slice::from_raw_parts(p.cast::<u8>(), len);
+            assert!(s.iter().all(|&b| b == 0));
+            std::ptr::write_bytes(p.cast::<u8>(), 9, len);
+            mem::unmap(p, len);
+        }
+        mem::release_kept();
+    }
 }
 
 /// A file rewritten at the same path (other chunking, other values) is read from its new
@@ -863,4 +879,290 @@ fn rewritten_file_is_not_read_with_a_stale_layout() {
         assert_eq!(got, want);
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// libhdf5's own record of every chunk of a one-dimensional chunked dataset (by
+/// coordinate), `None` for an unallocated one.
+fn hdf5_chunks(ds: &hdf5_metno::Dataset) -> Vec<Option<chunkidx::ChunkRec>> {
+    use hdf5_sys::h5::{haddr_t, hsize_t, HADDR_UNDEF};
+    use hdf5_sys::h5d::H5Dget_chunk_info_by_coord;
+    let c = ds.chunk().unwrap()[0];
+    (0..ds.size())
+        .step_by(c)
+        .map(|start| {
+            let coord: [hsize_t; 1] = [start as hsize_t];
+            let (mut mask, mut addr, mut size) = (0u32, 0 as haddr_t, 0 as hsize_t);
+            // SAFETY: a valid dataset id of rank 1; plain integer outputs.
+            let rc = hdf5_metno::sync::sync(|| unsafe {
+                H5Dget_chunk_info_by_coord(ds.id(), coord.as_ptr(), &mut mask, &mut addr, &mut size)
+            });
+            assert!(rc >= 0);
+            (addr != HADDR_UNDEF).then_some(chunkidx::ChunkRec {
+                offset: [start as u64],
+                addr,
+                size,
+                mask,
+            })
+        })
+        .collect()
+}
+
+/// The chunk index read from the file's bytes is exactly libhdf5's (addresses, sizes,
+/// filter masks), for one- and two-level trees, a partial last chunk, compressed chunks,
+/// unallocated chunks, and every chunked array of the anndata-written fixtures; other
+/// layouts (contiguous, two-dimensional) are not taken.
+#[test]
+fn chunk_index_matches_libhdf5() {
+    use hdf5_metno as h5;
+    let path = tmp("chunkidx.h5");
+    let n = 1_000_003usize;
+    let f32s: Vec<f32> = (0..n).map(|k| (k as f32 * 0.37).sin()).collect();
+    let i32s: Vec<i32> = (0..n as i32)
+        .map(|k| k.wrapping_mul(7919) % 20011)
+        .collect();
+    {
+        let f = h5::File::create(&path).unwrap();
+        f.new_dataset_builder()
+            .chunk(100_000)
+            .with_data(&f32s)
+            .create("few")
+            .unwrap();
+        // 2,001 chunks: a root over 32+ leaves (64 entries per node at most)
+        f.new_dataset_builder()
+            .chunk(500)
+            .with_data(&i32s)
+            .create("many")
+            .unwrap();
+        f.new_dataset_builder()
+            .chunk(4_000)
+            .deflate(4)
+            .with_data(&i32s)
+            .create("gzip")
+            .unwrap();
+        let ds = f
+            .new_dataset::<i32>()
+            .chunk(1000)
+            .shape(5000)
+            .create("holes")
+            .unwrap();
+        ds.write_slice(&i32s[..1000], 0..1000).unwrap();
+        ds.write_slice(&i32s[3000..4000], 3000..4000).unwrap();
+        f.new_dataset_builder()
+            .with_data(&i32s)
+            .create("contig")
+            .unwrap();
+        let m = ndarray::Array2::<f32>::zeros((300, 40));
+        f.new_dataset_builder()
+            .chunk((100, 40))
+            .with_data(&m)
+            .create("two_d")
+            .unwrap();
+    }
+    let f = open_written(&path);
+    let file = std::fs::File::open(&path).unwrap();
+    for name in ["few", "many", "gzip", "holes"] {
+        let ds = f.dataset(name).unwrap();
+        let idx = chunkidx::dataset_index(&ds, &file).unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(idx.chunk as usize, ds.chunk().unwrap()[0], "{name}");
+        assert_eq!(idx.esize, 4);
+        let want: Vec<_> = hdf5_chunks(&ds).into_iter().flatten().collect();
+        assert_eq!(idx.chunks, want, "{name}");
+    }
+    assert_eq!(
+        chunkidx::dataset_index(&f.dataset("holes").unwrap(), &file)
+            .unwrap()
+            .chunks
+            .len(),
+        2
+    );
+    assert!(chunkidx::dataset_index(&f.dataset("contig").unwrap(), &file).is_none());
+    assert!(chunkidx::dataset_index(&f.dataset("two_d").unwrap(), &file).is_none());
+    // a direct read through the index gives the values
+    let mut v = vec![0i32; n];
+    direct::read(&f.dataset("many").unwrap(), &file, 0, &mut v)
+        .expect("fast path")
+        .unwrap();
+    assert_eq!(v, i32s);
+    // anndata / h5py files
+    let mut seen = 0;
+    for name in [
+        "seedlike.h5ad",
+        "gzip.h5ad",
+        "lzf.h5ad",
+        "legacy_0_8_0.h5ad",
+        "dense.h5ad",
+    ] {
+        let f = open_written(&fixture(name));
+        let file = std::fs::File::open(fixture(name)).unwrap();
+        for m in ["X", "layers/counts", "raw/X"] {
+            for a in ["data", "indices", "indptr"] {
+                let Ok(ds) = f.dataset(&format!("{m}/{a}")) else {
+                    continue;
+                };
+                if ds.chunk().is_none() {
+                    continue;
+                }
+                let idx =
+                    chunkidx::dataset_index(&ds, &file).unwrap_or_else(|| panic!("{name} {m}/{a}"));
+                let want: Vec<_> = hdf5_chunks(&ds).into_iter().flatten().collect();
+                assert_eq!(idx.chunks, want, "{name} {m}/{a}");
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 3, "chunked fixture arrays: {seen}");
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A corrupt or truncated chunk index is `None` (libhdf5 decides) or an index whose
+/// chunks all lie inside the file; never a panic, a read past the end or an endless walk
+/// (children pointing back at a node, many entries pointing at one node).
+#[test]
+fn corrupt_chunk_index_is_refused_or_in_bounds() {
+    use hdf5_metno as h5;
+    let path = tmp("chunkidx_bad.h5");
+    let v: Vec<i32> = (0..200_000).collect();
+    {
+        let f = h5::File::create(&path).unwrap();
+        f.new_dataset_builder()
+            .chunk(1000)
+            .with_data(&v)
+            .create("v")
+            .unwrap();
+    }
+    let (ohdr, good) = {
+        let f = open_written(&path);
+        let ds = f.dataset("v").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        (
+            chunkidx::object_addr(&ds).unwrap(),
+            chunkidx::dataset_index(&ds, &file).unwrap(),
+        )
+    };
+    assert_eq!(good.chunks.len(), 200);
+    let src = std::fs::read(&path).unwrap();
+    let n = src.len();
+    let bad = tmp("chunkidx_bad_copy.h5");
+    let check = |b: &[u8], what: &str| {
+        std::fs::write(&bad, b).unwrap();
+        let file = std::fs::File::open(&bad).unwrap();
+        if let Some(idx) = chunkidx::index_1d(&file, b.len() as u64, ohdr) {
+            assert!(
+                idx.chunks.iter().all(|c| c.addr + c.size <= b.len() as u64),
+                "{what}: a chunk past the end"
+            );
+        }
+    };
+    for k in 0..60 {
+        let cut = k * n / 60;
+        check(&src[..cut], &format!("cut at {cut}"));
+    }
+    let mut s: u64 = 0x2545_F491_4F6C_DD1D;
+    for it in 0..300 {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let mut b = src.clone();
+        let at = (s % n as u64) as usize;
+        // the metadata is in the first few KB and in the tree nodes: hit those often
+        let at = if it % 2 == 0 { at % 4096 } else { at };
+        b[at] ^= 1 << (s >> 60 & 7);
+        check(&b, &format!("flip at {at}"));
+    }
+    // the root's children all pointing at its first child: duplicated chunks, refused
+    let root_at = memchr::memmem::find_iter(&src, b"TREE")
+        .find(|&p| src[p + 5] == 1)
+        .expect("a two-level tree");
+    let mut b = src.clone();
+    let entries = u16::from_le_bytes([b[root_at + 6], b[root_at + 7]]) as usize;
+    assert!(entries >= 2);
+    let child0 = root_at + 24 + 24;
+    let first: [u8; 8] = b[child0..child0 + 8].try_into().unwrap();
+    for e in 1..entries {
+        let at = root_at + 24 + e * 32 + 24;
+        b[at..at + 8].copy_from_slice(&first);
+    }
+    std::fs::write(&bad, &b).unwrap();
+    let file = std::fs::File::open(&bad).unwrap();
+    assert!(chunkidx::index_1d(&file, n as u64, ohdr).is_none());
+    // the root pointing at itself: its level does not drop, refused
+    let mut b = src.clone();
+    b[child0..child0 + 8].copy_from_slice(&(root_at as u64).to_le_bytes());
+    std::fs::write(&bad, &b).unwrap();
+    let file = std::fs::File::open(&bad).unwrap();
+    assert!(chunkidx::index_1d(&file, n as u64, ohdr).is_none());
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&bad);
+}
+
+/// The child's global heap scan skips the given raw data ranges only: a bad collection
+/// outside them is found, one inside them is a coincidence of the values and ignored.
+#[test]
+fn heap_scan_skips_raw_data_only() {
+    let mut b = vec![0u8; 3 << 20];
+    // a collection of 4096 bytes whose first object claims 2^40 bytes
+    let at = (2 << 20) + 5;
+    b[at..at + 4].copy_from_slice(b"GCOL");
+    b[at + 4] = 1;
+    b[at + 8..at + 16].copy_from_slice(&4096u64.to_le_bytes());
+    b[at + 16..at + 18].copy_from_slice(&1u16.to_le_bytes());
+    b[at + 24..at + 32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let path = tmp("heapscan.bin");
+    std::fs::write(&path, &b).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let len = b.len() as u64;
+    let e = heapcheck::scan_except(&file, len, &[]).unwrap_err();
+    assert!(e.contains("global heap"), "{e}");
+    assert!(heapcheck::scan_except(&file, len, &[(100, 200), (3 << 19, len - 7)]).is_ok());
+    // a collection starting inside a range is ignored; one starting at its end is found
+    assert!(heapcheck::scan_except(&file, len, &[(0, at as u64 + 2)]).is_ok());
+    assert!(heapcheck::scan_except(&file, len, &[(0, at as u64)]).is_err());
+    assert!(heapcheck::scan_except(&file, len, &[(at as u64 + 1, len)]).is_err());
+    let _ = std::fs::remove_file(&path);
+}
+
+/// The checking child reports the size of the matrix the caller reads next (stored
+/// values, sparse or not) while it walks, once per file version; a file whose heap
+/// check fails still gives the heap error, with the hint or without.
+#[test]
+fn open_with_hint_reports_the_matrix_size_once() {
+    use std::cell::RefCell;
+    let p: Vec<i32> = vec![0, 2, 3, 5];
+    let (i, x) = (vec![0, 4, 1, 2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+    let sparse = tmp("hint_sparse.h5ad");
+    let w = H5adWriter::create(&sparse).unwrap();
+    w.write_sparse("X", true, [3, 5], &x, &i, &p, false)
+        .unwrap();
+    w.finish().unwrap();
+    let dense = tmp("hint_dense.h5ad");
+    let w = H5adWriter::create(&dense).unwrap();
+    w.write_dense("X", [4, 3], &[0.5; 12], true).unwrap();
+    w.finish().unwrap();
+    for (path, want) in [(&sparse, (5usize, true)), (&dense, (12, false))] {
+        let got = RefCell::new(Vec::new());
+        let f = H5ad::open_with_hint(path, "X", &|n, s| got.borrow_mut().push((n, s))).unwrap();
+        assert_eq!(*got.borrow(), vec![want], "{path}");
+        assert_eq!(f.matrix("X").unwrap().nnz, want.0);
+        // checked already: no child, no call
+        H5ad::open_with_hint(path, "X", &|n, s| got.borrow_mut().push((n, s))).unwrap();
+        assert_eq!(got.borrow().len(), 1);
+    }
+    // no such element: no call, the file opens
+    let other = tmp("hint_none.h5ad");
+    std::fs::copy(&sparse, &other).unwrap();
+    let got = RefCell::new(0);
+    H5ad::open_with_hint(&other, "layers/nope", &|_, _| *got.borrow_mut() += 1).unwrap();
+    assert_eq!(*got.borrow(), 0);
+    // a bad global heap: the heap error, no size
+    let mut b = std::fs::read(fixture("dense.h5ad")).unwrap();
+    b[3199..3321].iter_mut().for_each(|v| *v = 0);
+    let bad = tmp("hint_zero_heap.h5ad");
+    std::fs::write(&bad, &b).unwrap();
+    let got = RefCell::new(0);
+    match H5ad::open_with_hint(&bad, "X", &|_, _| *got.borrow_mut() += 1) {
+        Err(ScError::Format(m)) => assert!(m.contains("global heap"), "{m}"),
+        other => panic!("expected a format error, got {:?}", other.err()),
+    }
+    assert_eq!(*got.borrow(), 0);
 }
