@@ -14,9 +14,10 @@
 //! [`crate::threads::with_threads`]); within a block the first layer is a sparse x dense
 //! product that walks only the non-zero counts, gene chunk by gene chunk so that a
 //! cache-sized piece of the weights (column panels stored one after the other) serves every
-//! cell of the block, with an AVX2 kernel that keeps 64 outputs in registers (portable
-//! fallback). The count checks
-//! and the `log1p` transform are one pass over the block's values.
+//! cell of the block, with an AVX2 kernel that keeps 64 outputs in registers, or with
+//! AVX-512 (rustc >= 1.89, [`super::latent_avx512`]) 128 outputs in one pass over a cell's
+//! non-zeros (portable fallback). The count checks and the `log1p` transform are one pass
+//! over the block's values.
 
 use super::model_file::{ScviModelFile, Tensor};
 use crate::error::{ScError, ScResult};
@@ -33,6 +34,11 @@ pub(crate) const PANEL: usize = 32;
 /// genes per chunk of the blocked first layer: a 64-output panel of 128 weight rows is 32
 /// KiB, contiguous (L1 / L2; 128 measured best among 64..1024)
 const GENE_CHUNK: usize = 128;
+
+/// Genes per chunk of the first layer with the 128-wide AVX-512 panels (64 KB of weights,
+/// L2-resident: measured faster than L1-sized chunks, whose per-cell overhead, the loop
+/// exit and the accumulator loads, outweighs the L1 hits).
+const WIDE_CHUNK: usize = 128;
 /// cells encoded together within a parallel work unit: their non-zeros (~300 KiB at 4,000
 /// genes and 30 % density) stay in L2 while the gene chunks pass over them
 const SUB_BLOCK: usize = 64;
@@ -149,6 +155,8 @@ pub struct ScviEncoder {
     /// ([`panel_major`]): one gene chunk of a panel is contiguous (layer 0 keeps no
     /// row-major `wt32`)
     first32: Aligned,
+    /// the same in 128-wide panels for the AVX-512 kernel (empty without AVX-512)
+    first_wide: Aligned,
     /// the mean and var heads side by side in f32 (`n_hidden x head_stride`, columns
     /// `[mean | var | 0...]`) and their biases `[mean | var]`
     head32: Aligned,
@@ -216,13 +224,22 @@ fn padded32(wt: &[f64], n_out: usize, stride: usize) -> Vec<f32> {
 enum Isa {
     /// portable Rust
     Plain,
-    /// AVX2 + FMA intrinsics (AVX2's 8-wide FMA runs at the rate of AVX-512's 16-wide one
-    /// on AMD Zen 4, and AVX-512 intrinsics would need rustc 1.89)
+    /// AVX2 + FMA intrinsics
     Avx2,
+    /// AVX-512 F/DQ/VL (rustc >= 1.89): the first layer with 128 outputs per panel (AVX2
+    /// kernels for the small layers)
+    #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+    Avx512,
 }
 
 impl Isa {
     fn detect() -> Isa {
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        {
+            if super::simd::avx512() {
+                return Isa::Avx512;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if super::simd::avx2_fma() {
@@ -230,6 +247,37 @@ impl Isa {
             }
         }
         Isa::Plain
+    }
+
+    /// Whether the AVX2 + FMA kernels may run (AVX-512 implies them).
+    fn avx2(self) -> bool {
+        self != Isa::Plain
+    }
+
+    /// Whether the first layer uses the 128-wide AVX-512 panels.
+    fn wide(self) -> bool {
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        {
+            self == Isa::Avx512
+        }
+        #[cfg(not(all(target_arch = "x86_64", scannot_avx512)))]
+        {
+            false
+        }
+    }
+
+    /// The kernels this build can run on this CPU (portable first).
+    #[cfg(test)]
+    fn available() -> Vec<Isa> {
+        let best = Isa::detect();
+        let mut v = vec![Isa::Plain];
+        if best.avx2() {
+            v.push(Isa::Avx2);
+        }
+        if best.wide() {
+            v.push(best);
+        }
+        v
     }
 }
 
@@ -336,7 +384,7 @@ const KPANEL: usize = 64;
 
 /// One column panel: `y[..width] += sum_k val_k * w[idx_k * stride..][..width]` over the
 /// leading non-zeros with `idx_k < limit`; returns how many that is. `w` starts at the
-/// panel's first column; `width` is 16, 32, 48 or 64.
+/// panel's first column; `width` is a multiple of 16 up to [`kpanel`]`(isa)`.
 #[allow(clippy::too_many_arguments)]
 fn panel_acc(
     y: &mut [f32],
@@ -349,9 +397,14 @@ fn panel_acc(
     isa: Isa,
 ) -> usize {
     match isa {
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        // SAFETY: Isa::Avx512 only comes from Isa::detect(), which checked AVX-512 F
+        Isa::Avx512 if width > 64 => unsafe {
+            super::latent_avx512::panel(y, w, stride, width, idx, val, limit)
+        },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Isa::Avx2 only comes from Isa::detect(), which checked AVX2 and FMA
-        Isa::Avx2 => unsafe {
+        // SAFETY: Isa::Avx2 / Avx512 only come from Isa::detect(), which checked AVX2 and FMA
+        _ if isa.avx2() => unsafe {
             match width {
                 64 => rows_avx2::<8>(y, w, stride, idx, val, limit),
                 48 => rows_avx2::<6>(y, w, stride, idx, val, limit),
@@ -368,11 +421,21 @@ fn panel_acc(
     }
 }
 
-/// The widths of the column panels of `stride` outputs (a multiple of 16).
-fn panel_widths(stride: usize) -> impl Iterator<Item = (usize, usize)> {
+/// Outputs per column panel for the kernels of `isa`: 128 (8 zmm registers) with AVX-512.
+fn kpanel(isa: Isa) -> usize {
+    if isa.wide() {
+        2 * KPANEL
+    } else {
+        KPANEL
+    }
+}
+
+/// The column panels `(first column, width)` of `stride` outputs (a multiple of 16), `kp`
+/// wide but the last.
+fn panel_widths(stride: usize, kp: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..stride / 16 * 16)
-        .step_by(KPANEL)
-        .map(move |c0| (c0, (stride / 16 * 16 - c0).min(KPANEL)))
+        .step_by(kp)
+        .map(move |c0| (c0, (stride / 16 * 16 - c0).min(kp)))
 }
 
 /// `y += sum_k val_k * w[idx_k, :]` over the leading non-zeros with `idx_k < limit`
@@ -381,7 +444,7 @@ fn panel_widths(stride: usize) -> impl Iterator<Item = (usize, usize)> {
 fn rows_acc(y: &mut [f32], w: &[f32], idx: &[u32], val: &[f32], limit: u32, isa: Isa) -> usize {
     let stride = y.len();
     let mut m = idx.len().min(val.len());
-    for (c0, width) in panel_widths(stride) {
+    for (c0, width) in panel_widths(stride, kpanel(isa)) {
         let wc = &w[c0.min(w.len())..];
         m = panel_acc(
             &mut y[c0..],
@@ -397,11 +460,11 @@ fn rows_acc(y: &mut [f32], w: &[f32], idx: &[u32], val: &[f32], limit: u32, isa:
     m
 }
 
-/// Row-major `rows x stride` weights cut into column panels ([`panel_widths`]), each
-/// `rows x width` row-major, one after the other: panel `p` starts at `p * KPANEL * rows`.
-fn panel_major(w: &[f32], rows: usize, stride: usize) -> Vec<f32> {
+/// Row-major `rows x stride` weights cut into column panels ([`panel_widths`]) `kp` wide,
+/// each `rows x width` row-major, one after the other: panel `p` starts at `p * kp * rows`.
+fn panel_major(w: &[f32], rows: usize, stride: usize, kp: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(rows * stride);
-    for (c0, width) in panel_widths(stride) {
+    for (c0, width) in panel_widths(stride, kp) {
         for r in w.chunks_exact(stride).take(rows) {
             v.extend_from_slice(&r[c0..c0 + width]);
         }
@@ -543,12 +606,19 @@ struct BlockFlags {
 
 /// The non-zeros of a hidden layer's output (after ReLU) as f32.
 fn hidden_nonzeros(x: &[f64], nz: &mut Nz) {
-    nz.clear();
+    // without a branch per value: about half the values are zero, in no predictable order
+    nz.idx.resize(x.len(), 0);
+    nz.val.resize(x.len(), 0.0);
+    let mut n = 0;
+    let (idx, val) = (&mut nz.idx[..], &mut nz.val[..]);
     for (i, &v) in x.iter().enumerate() {
-        if v != 0.0 {
-            nz.push(i as u32, v as f32);
-        }
+        // n <= i < x.len() = idx.len() = val.len()
+        idx[n] = i as u32;
+        val[n] = v as f32;
+        n += (v != 0.0) as usize;
     }
+    nz.idx.truncate(n);
+    nz.val.truncate(n);
 }
 
 /// `y += sum_k v_k * w[g_k, :]` over the non-zeros `(g_k, v_k)`, `w` row-major with rows of
@@ -827,13 +897,19 @@ impl ScviEncoder {
         }
         let head_b = mean.b.iter().chain(&var.b).copied().collect();
         let mut layers = layers;
-        let first32 = match layers.first_mut() {
+        let (first32, first_wide) = match layers.first_mut() {
             Some(l0) => {
-                let p = panel_major(&l0.wt32, n_genes, l0.stride);
+                let p = panel_major(&l0.wt32, n_genes, l0.stride, KPANEL);
+                let wide = Isa::detect().wide();
+                let pw = if wide {
+                    panel_major(&l0.wt32, n_genes, l0.stride, 2 * KPANEL)
+                } else {
+                    Vec::new()
+                };
                 l0.wt32 = Aligned::new(&[]);
-                Aligned::new(&p)
+                (Aligned::new(&p), Aligned::new(&pw))
             }
-            None => Aligned::new(&[]),
+            None => (Aligned::new(&[]), Aligned::new(&[])),
         };
         ScviEncoder {
             n_genes,
@@ -844,6 +920,7 @@ impl ScviEncoder {
             log_table,
             mean,
             first32,
+            first_wide,
             head32: Aligned::new(&head32),
             head_stride,
             head_b,
@@ -899,10 +976,8 @@ impl ScviEncoder {
         counts: &ExprMatrix,
         cov: &Covariates,
     ) -> Vec<LatentOutput> {
-        let best = Isa::detect();
-        [Isa::Plain, Isa::Avx2]
+        Isa::available()
             .into_iter()
-            .filter(|&i| i == Isa::Plain || best == Isa::Avx2)
             .map(|i| self.latent_isa(counts, cov, 7, i).unwrap().0)
             .collect()
     }
@@ -1105,10 +1180,36 @@ impl ScviEncoder {
                         (v != 0.0).then(|| self.transform(v, &mut frac, &mut bad))
                     };
                     match isa {
+                        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+                        Isa::Avx512 => {
+                            let n = rows.len().min(xs.len());
+                            nz.idx.reserve(n);
+                            nz.val.reserve(n);
+                            let len = nz.idx.len();
+                            assert!(nz.val.len() == len);
+                            // SAFETY: Isa::Avx512 only comes from Isa::detect(), which
+                            // checked AVX-512 F/DQ/VL; room for n more entries was reserved,
+                            // and the kernel wrote every entry below the length it returns
+                            unsafe {
+                                let end = super::latent_avx512::csc_col(
+                                    rows,
+                                    xs,
+                                    &self.log_table,
+                                    ng,
+                                    nz.idx.as_mut_ptr(),
+                                    nz.val.as_mut_ptr(),
+                                    len,
+                                    -1,
+                                    &mut scalar,
+                                );
+                                nz.idx.set_len(end);
+                                nz.val.set_len(end);
+                            }
+                        }
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2 => {
-                            // SAFETY: Isa::Avx2 only comes from Isa::detect(), which checked
-                            // AVX2 and FMA
+                        _ if isa.avx2() => {
+                            // SAFETY: Isa::Avx2 / Avx512 only come from Isa::detect(), which
+                            // checked AVX2 and FMA
                             unsafe {
                                 csc_col_avx2(rows, xs, &self.log_table, ng, nz, -1, &mut scalar)
                             };
@@ -1189,11 +1290,38 @@ impl ScviEncoder {
         cursor.extend_from_slice(&starts[..n]);
         taken.resize(n, 0);
         let ng = self.n_genes;
-        for g0 in (0..ng).step_by(GENE_CHUNK) {
-            let g1 = (g0 + GENE_CHUNK).min(ng) as u32;
-            for (pi, (c0, width)) in panel_widths(s0).enumerate() {
-                // panel p of the weights: rows of `width` at p * KPANEL * n_genes = c0 * ng
-                let wp = &self.first32[(c0 * ng).min(self.first32.len())..];
+        let (kp, chunk, wfirst) = if isa.wide() {
+            (2 * KPANEL, WIDE_CHUNK, &self.first_wide)
+        } else {
+            (KPANEL, GENE_CHUNK, &self.first32)
+        };
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        let one_panel = isa.wide() && s0 <= kp;
+        #[cfg(not(all(target_arch = "x86_64", scannot_avx512)))]
+        let one_panel = false;
+        for g0 in (0..ng).step_by(chunk) {
+            let g1 = (g0 + chunk).min(ng) as u32;
+            if one_panel {
+                // SAFETY: Isa::Avx512 (wide) only comes from Isa::detect(), which checked
+                // AVX-512 F
+                #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+                unsafe {
+                    super::latent_avx512::chunk(
+                        acc,
+                        wfirst,
+                        s0,
+                        &nz.idx,
+                        &nz.val,
+                        cursor,
+                        &starts[1..],
+                        g1,
+                    )
+                };
+                continue;
+            }
+            for (pi, (c0, width)) in panel_widths(s0, kp).enumerate() {
+                // panel p of the weights: rows of `width` at p * kp * n_genes = c0 * ng
+                let wp = &wfirst[(c0 * ng).min(wfirst.len())..];
                 for (k, ((&a, &end), t)) in cursor
                     .iter()
                     .zip(&starts[1..])
@@ -1312,11 +1440,7 @@ mod kernel_tests {
 
     /// The kernels this CPU can run.
     fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Plain];
-        if Isa::detect() == Isa::Avx2 {
-            v.push(Isa::Avx2);
-        }
-        v
+        Isa::available()
     }
 
     fn weights(n_in: usize, n_out: usize, seed: usize) -> Linear {
@@ -1543,6 +1667,59 @@ mod kernel_tests {
         let m = CscView::new(n_genes, 5, &p, &bad_i, &x).unwrap();
         let e = enc.latent_counts(&ExprMatrix::Csc(m), &cov, 2).unwrap_err();
         assert!(e.to_string().contains("row indices"), "{e}");
+    }
+
+    /// Whole counts across the table (1..64 by the AVX-512 permutes, larger ones by gather,
+    /// 4095 = the last entry, beyond the table by the scalar path) in full SIMD groups: every
+    /// kernel gives the scalar pass's values, equal to `ln_1p` in f32.
+    #[test]
+    fn count_pass_table_lookups_for_every_kernel() {
+        let n_genes = 400;
+        let enc = toy_encoder(n_genes, 16, 16);
+        // column 0: counts 1..=64 then 1..=64 reversed (groups all below 64, groups with 64);
+        // column 1: 65..=400 (gather); column 2: 4095 and 4096 among small counts
+        let mut cols: Vec<Vec<f64>> = vec![
+            (1..=64).chain((1..=64).rev()).map(f64::from).collect(),
+            (65..=400).map(f64::from).collect(),
+            (0..48).map(|k| f64::from(k % 7 + 1)).collect(),
+        ];
+        cols[2][20] = 4095.0;
+        cols[2][40] = 4096.0;
+        let mut p = vec![0i32];
+        let (mut i, mut x) = (Vec::new(), Vec::new());
+        for c in &cols {
+            // rows spread over the genes, increasing
+            i.extend((0..c.len()).map(|g| (g * n_genes / c.len()) as i32));
+            x.extend_from_slice(c);
+            p.push(x.len() as i32);
+        }
+        for c in p.windows(2) {
+            assert!(i[c[0] as usize..c[1] as usize]
+                .windows(2)
+                .all(|w| w[0] < w[1]));
+        }
+        let run = |isa: Isa| {
+            let m = CscView::new(n_genes, cols.len(), &p, &i, &x).unwrap();
+            let (mut nz, mut starts) = (Nz::default(), Vec::new());
+            let f = enc.block_nonzeros(
+                &ExprMatrix::Csc(m),
+                0,
+                cols.len(),
+                isa,
+                &mut nz,
+                &mut starts,
+            );
+            (nz.idx, nz.val, starts, f.invalid, f.non_integer)
+        };
+        let want = run(Isa::Plain);
+        assert_eq!(want.0.len(), x.len());
+        assert!(!want.3 && !want.4);
+        for (v, &c) in want.1.iter().zip(&x) {
+            assert_eq!(*v, c.ln_1p() as f32, "count {c}");
+        }
+        for isa in isas() {
+            assert_eq!(run(isa), want, "{isa:?}");
+        }
     }
 
     /// The row kernels against a plain f64 sum, for widths with each panel remainder and
