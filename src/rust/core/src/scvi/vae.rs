@@ -91,7 +91,7 @@ impl Linear {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(out: &mut [f64], a: f64, row: &[f64]) {
     for (o, r) in out.iter_mut().zip(row) {
         *o += a * r;
@@ -100,7 +100,7 @@ fn axpy(out: &mut [f64], a: f64, row: &[f64]) {
 
 /// `sum_i f(x_i)` over 8 interleaved partial sums (vectorises; a single running sum is a
 /// chain of dependent adds).
-#[inline]
+#[inline(always)]
 fn sum8(x: &[f64], f: impl Fn(f64) -> f64) -> f64 {
     let mut acc = [0.0f64; 8];
     let mut it = x.chunks_exact(8);
@@ -576,9 +576,32 @@ pub(crate) fn panels(wt: &[f32], n_genes: usize, n_out: usize) -> Vec<f32> {
     v
 }
 
+/// A pointer into the output that the blocks of [`ScviEncoder::latent_isa`] share; each
+/// writes only its own cells.
+#[derive(Clone, Copy)]
+struct Out(*mut f64);
+
+// SAFETY: the blocks write disjoint entries (see the use)
+unsafe impl Send for Out {}
+// SAFETY: as above
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn get(self) -> *mut f64 {
+        self.0
+    }
+}
+
+thread_local! {
+    /// The scratch of each thread that runs latent blocks, kept between calls.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
 /// Per-thread scratch of [`ScviEncoder::encode_block`].
 #[derive(Default)]
 struct Scratch {
+    /// the block's latent, per cell: mean then var
+    out: Vec<f64>,
     /// the block's transformed non-zero counts, cell after cell
     nz: Nz,
     /// cell `k`'s non-zeros are `nz[starts[k]..starts[k + 1]]`
@@ -595,6 +618,15 @@ struct Scratch {
     a1: Vec<f32>,
 }
 
+/// What [`ScviEncoder::cells_tail`] needs of a block besides the scratch.
+struct Tail<'t, 'c> {
+    first: usize,
+    n: usize,
+    cov: &'t Covariates<'c>,
+    codes: &'t [Option<&'c [u32]>],
+    isa: Isa,
+}
+
 /// What the pass over a block's counts found.
 #[derive(Debug, Clone, Copy, Default)]
 struct BlockFlags {
@@ -605,6 +637,7 @@ struct BlockFlags {
 }
 
 /// The non-zeros of a hidden layer's output (after ReLU) as f32.
+#[inline(always)]
 fn hidden_nonzeros(x: &[f64], nz: &mut Nz) {
     // without a branch per value: about half the values are zero, in no predictable order
     nz.idx.resize(x.len(), 0);
@@ -1004,34 +1037,48 @@ impl ScviEncoder {
         let nl = self.n_latent();
         // per cell: latent mean then var
         let per = (2 * nl).max(1);
-        let mut per_cell = vec![0.0f64; n_cells * per];
-        let flags: Vec<BlockFlags> = per_cell
-            .par_chunks_mut(block * per)
-            .enumerate()
-            .map_init(Scratch::default, |s, (blk, out)| {
-                // sub-blocks small enough that their non-zeros stay in L2
-                let mut f = BlockFlags::default();
-                for (q, o) in out.chunks_mut(SUB_BLOCK * per).enumerate() {
-                    let first = blk * block + q * SUB_BLOCK;
-                    let g = self.encode_block(counts, first, o.len() / per, cov, &codes, isa, s, o);
-                    f.invalid |= g.invalid;
-                    f.non_integer |= g.non_integer;
-                }
-                f
+        let mut mean = vec![0.0; n_cells * nl];
+        let mut var = vec![0.0; n_cells * nl];
+        let (mp, vp) = (Out(mean.as_mut_ptr()), Out(var.as_mut_ptr()));
+        let flags: Vec<BlockFlags> = (0..n_cells.div_ceil(block))
+            .into_par_iter()
+            .map(|blk| {
+                // the scratch stays with the thread between calls (no page faults)
+                SCRATCH.with_borrow_mut(|s| {
+                    let mut f = BlockFlags::default();
+                    let end = ((blk + 1) * block).min(n_cells);
+                    // sub-blocks small enough that their non-zeros stay in L2
+                    for first in (blk * block..end).step_by(SUB_BLOCK) {
+                        let n = (end - first).min(SUB_BLOCK);
+                        let mut o = std::mem::take(&mut s.out);
+                        o.clear();
+                        o.resize(n * per, 0.0);
+                        let g = self.encode_block(counts, first, n, cov, &codes, isa, s, &mut o);
+                        f.invalid |= g.invalid;
+                        f.non_integer |= g.non_integer;
+                        for (k, c) in o.chunks_exact(per).enumerate().take(n) {
+                            for l in 0..nl {
+                                let at = l * n_cells + first + k;
+                                // SAFETY: at < nl * n_cells, the length of mean and var,
+                                // which outlive the loop; each block writes only its own
+                                // cells `first..first + n`, so no two threads write one
+                                // entry and nothing reads them before the loop ends
+                                unsafe {
+                                    *mp.get().add(at) = c[l];
+                                    *vp.get().add(at) = c[nl + l];
+                                }
+                            }
+                        }
+                        s.out = o;
+                    }
+                    f
+                })
             })
             .collect();
         if flags.iter().any(|f| f.invalid) {
             return Err(self.invalid_counts(counts));
         }
         let non_integer = flags.iter().any(|f| f.non_integer);
-        let mut mean = vec![0.0; n_cells * nl];
-        let mut var = vec![0.0; n_cells * nl];
-        for (j, c) in per_cell.chunks_exact(per).enumerate().take(n_cells) {
-            for l in 0..nl {
-                mean[l * n_cells + j] = c[l];
-                var[l * n_cells + j] = c[nl + l];
-            }
-        }
         Ok((
             LatentOutput {
                 n_cells,
@@ -1279,6 +1326,7 @@ impl ScviEncoder {
             y2,
             hnz,
             a1,
+            ..
         } = s;
         // the gene part of the first layer, gene chunk by gene chunk over the block: each
         // cell's non-zeros of the chunk run from its cursor up to the first gene past it
@@ -1341,6 +1389,90 @@ impl ScviEncoder {
                 *c += t;
             }
         }
+        let t = Tail {
+            first,
+            n,
+            cov,
+            codes,
+            isa,
+        };
+        match isa {
+            #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+            // SAFETY: Isa::Avx512 only comes from Isa::detect(), which checked AVX-512 F
+            Isa::Avx512 => unsafe { self.cells_tail_avx512(&t, acc, y, y2, hnz, a1, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Isa::Avx2 only comes from Isa::detect(), which checked AVX2 and FMA
+            _ if isa.avx2() => unsafe { self.cells_tail_avx2(&t, acc, y, y2, hnz, a1, out) },
+            _ => self.cells_tail(&t, acc, y, y2, hnz, a1, out),
+        }
+        flags
+    }
+
+    /// [`Self::cells_tail`] compiled for AVX2 (the f64 steps vectorised 4 wide).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn cells_tail_avx2(
+        &self,
+        t: &Tail,
+        acc: &[f32],
+        y: &mut Vec<f64>,
+        y2: &mut Vec<f64>,
+        hnz: &mut Nz,
+        a1: &mut Vec<f32>,
+        out: &mut [f64],
+    ) {
+        self.cells_tail(t, acc, y, y2, hnz, a1, out)
+    }
+
+    /// [`Self::cells_tail`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F.
+    #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments, clippy::incompatible_msrv)]
+    unsafe fn cells_tail_avx512(
+        &self,
+        t: &Tail,
+        acc: &[f32],
+        y: &mut Vec<f64>,
+        y2: &mut Vec<f64>,
+        hnz: &mut Nz,
+        a1: &mut Vec<f32>,
+        out: &mut [f64],
+    ) {
+        self.cells_tail(t, acc, y, y2, hnz, a1, out)
+    }
+
+    /// Per cell of a block, after the gene part of the first layer (`acc`, `n x stride`):
+    /// the rest of the first layer, the hidden layers and the mean / var heads, into `out`
+    /// (per cell: mean then var). The same f64 and f32 operations in every build (no
+    /// contraction into FMAs): only the vector width differs.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn cells_tail(
+        &self,
+        t: &Tail,
+        acc: &[f32],
+        y: &mut Vec<f64>,
+        y2: &mut Vec<f64>,
+        hnz: &mut Nz,
+        a1: &mut Vec<f32>,
+        out: &mut [f64],
+    ) {
+        let Tail {
+            first,
+            n,
+            cov,
+            codes,
+            isa,
+        } = *t;
+        let l0 = &self.layers[0];
+        let s0 = l0.stride;
         let max_h = self
             .layers
             .iter()
@@ -1387,11 +1519,11 @@ impl ScviEncoder {
                 *v = v.exp() + VAR_EPS;
             }
         }
-        flags
     }
 
     /// The rest of a layer on its linear output `y` (features part done): the one-hot
     /// covariate columns, batch norm, layer norm and ReLU.
+    #[inline(always)]
     fn finish_layer(
         &self,
         layer: &FcLayer,
