@@ -91,7 +91,8 @@ pub(super) unsafe fn panel(
 
 /// One gene chunk of the first layer for every cell of a block, when the layer's outputs
 /// fit one panel (`width = 16 NV <= 128`, `w` row-major with rows of `width`): cell `k`'s
-/// non-zeros from `cursor[k]` up to `ends[k]` with a gene below `limit` are added to
+/// non-zeros (packed: gene in the low 32 bits, value bits in the high 32) from `cursor[k]`
+/// up to `ends[k]` with a gene below `limit` are added to
 /// `acc[k * width..][..width]`, and `cursor[k]` moves past them.
 ///
 /// # Safety
@@ -101,8 +102,7 @@ pub(super) unsafe fn panel(
 pub(super) unsafe fn chunk_cells<const NV: usize>(
     acc: &mut [f32],
     w: &[f32],
-    idx: &[u32],
-    val: &[f32],
+    pk: &[u64],
     cursor: &mut [usize],
     ends: &[usize],
     limit: u32,
@@ -110,27 +110,29 @@ pub(super) unsafe fn chunk_cells<const NV: usize>(
     let width = 16 * NV;
     let n = cursor.len().min(ends.len());
     assert!(acc.len() >= n * width);
-    let m = idx.len().min(val.len());
+    let m = pk.len();
     // rows below `lim` lie inside `w`
     let lim = (w.len() / width).min(limit as usize);
-    let (ip, vp, wp) = (idx.as_ptr(), val.as_ptr(), w.as_ptr());
+    let (pp, wp) = (pk.as_ptr(), w.as_ptr());
     for (k, c) in cursor.iter_mut().enumerate().take(n) {
         let end = ends[k].min(m);
         let yp = unsafe { acc.as_mut_ptr().add(k * width) };
         // SAFETY (all pointer accesses): acc holds n * width values (asserted); q < end
-        // <= m entries of idx and val; a row g < lim has g * width + width <= w.len()
+        // <= m entries of pk; a row g < lim has g * width + width <= w.len()
         let mut a = [_mm512_setzero_ps(); NV];
         for (v, r) in a.iter_mut().enumerate() {
             *r = unsafe { _mm512_loadu_ps(yp.add(16 * v)) };
         }
         let mut q = *c;
         while q < end {
-            let g = unsafe { *ip.add(q) } as usize;
+            // one load for the gene (low half) and the value (high half)
+            let e = unsafe { *pp.add(q) };
+            let g = e as u32 as usize;
             if g >= lim {
                 break;
             }
             let row = unsafe { wp.add(g * width) };
-            let b = _mm512_set1_ps(unsafe { *vp.add(q) });
+            let b = _mm512_set1_ps(f32::from_bits((e >> 32) as u32));
             for (v, r) in a.iter_mut().enumerate() {
                 *r = _mm512_fmadd_ps(b, unsafe { _mm512_loadu_ps(row.add(16 * v)) }, *r);
             }
@@ -152,28 +154,28 @@ pub(super) unsafe fn chunk(
     acc: &mut [f32],
     w: &[f32],
     width: usize,
-    idx: &[u32],
-    val: &[f32],
+    pk: &[u64],
     cursor: &mut [usize],
     ends: &[usize],
     limit: u32,
 ) {
     unsafe {
         match width / 16 {
-            8 => chunk_cells::<8>(acc, w, idx, val, cursor, ends, limit),
-            7 => chunk_cells::<7>(acc, w, idx, val, cursor, ends, limit),
-            6 => chunk_cells::<6>(acc, w, idx, val, cursor, ends, limit),
-            5 => chunk_cells::<5>(acc, w, idx, val, cursor, ends, limit),
-            4 => chunk_cells::<4>(acc, w, idx, val, cursor, ends, limit),
-            3 => chunk_cells::<3>(acc, w, idx, val, cursor, ends, limit),
-            2 => chunk_cells::<2>(acc, w, idx, val, cursor, ends, limit),
-            _ => chunk_cells::<1>(acc, w, idx, val, cursor, ends, limit),
+            8 => chunk_cells::<8>(acc, w, pk, cursor, ends, limit),
+            7 => chunk_cells::<7>(acc, w, pk, cursor, ends, limit),
+            6 => chunk_cells::<6>(acc, w, pk, cursor, ends, limit),
+            5 => chunk_cells::<5>(acc, w, pk, cursor, ends, limit),
+            4 => chunk_cells::<4>(acc, w, pk, cursor, ends, limit),
+            3 => chunk_cells::<3>(acc, w, pk, cursor, ends, limit),
+            2 => chunk_cells::<2>(acc, w, pk, cursor, ends, limit),
+            _ => chunk_cells::<1>(acc, w, pk, cursor, ends, limit),
         }
     }
 }
 
-/// Transformed non-zeros of one CSC column appended to `idx_out` / `val_out` (capacity
-/// reserved by the caller, `len` entries written so far; returns the new length), 16 values
+/// Transformed non-zeros of one CSC column appended to `out` as packed entries (gene in the
+/// low 32 bits, value bits in the high 32; capacity reserved by the caller, `len` entries
+/// written so far; returns the new length), 16 values
 /// at a time: whole counts in `1..64` at increasing, in-range rows take the table by two
 /// register permutes, other whole counts below `table.len()` a gather; any other group of
 /// 16 goes through `scalar` (row, value, previous row), which sets the flags and returns the
@@ -181,8 +183,7 @@ pub(super) unsafe fn chunk(
 /// the non-zeros and values of the scalar pass.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F; `idx_out` and `val_out` must have room for `len +
-/// rows.len()` entries.
+/// The CPU must have AVX-512 F/DQ/VL; `out` must have room for `len + rows.len()` entries.
 #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn csc_col(
@@ -190,8 +191,7 @@ pub(super) unsafe fn csc_col(
     xs: &[f64],
     table: &[f32],
     n_genes: u32,
-    idx_out: *mut u32,
-    val_out: *mut f32,
+    out: *mut u64,
     mut len: usize,
     mut prev: i32,
     scalar: &mut impl FnMut(i32, f64, &mut i32) -> Option<f32>,
@@ -214,6 +214,9 @@ pub(super) unsafe fn csc_col(
     let top = _mm512_set1_epi32(tl - 1);
     let small = _mm512_set1_epi32(64);
     let bit5 = _mm512_set1_epi32(32);
+    // lanes 0..7 / 8..15 of the rows interleaved with those of the values
+    let lo_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi_half = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     let mut k = 0;
     // SAFETY (all pointer accesses): k + 16 <= n values in both input slices; the writes go
     // to the room the caller reserved (one entry per input at most); the gather reads
@@ -243,19 +246,23 @@ pub(super) unsafe fn csc_col(
             } else {
                 unsafe { _mm512_i32gather_ps::<4>(kv, table.as_ptr()) }
             };
+            let tv = _mm512_castps_si512(t);
             unsafe {
-                _mm512_storeu_si512(idx_out.add(len) as *mut __m512i, gv);
-                _mm512_storeu_ps(val_out.add(len), t);
+                _mm512_storeu_si512(
+                    out.add(len) as *mut __m512i,
+                    _mm512_permutex2var_epi32(gv, lo_half, tv),
+                );
+                _mm512_storeu_si512(
+                    out.add(len + 8) as *mut __m512i,
+                    _mm512_permutex2var_epi32(gv, hi_half, tv),
+                );
             }
             len += 16;
             prev = rows[k + 15];
         } else {
             for q in k..k + 16 {
                 if let Some(t) = scalar(rows[q], xs[q], &mut prev) {
-                    unsafe {
-                        *idx_out.add(len) = rows[q] as u32;
-                        *val_out.add(len) = t;
-                    }
+                    unsafe { *out.add(len) = rows[q] as u32 as u64 | (t.to_bits() as u64) << 32 };
                     len += 1;
                 }
             }
@@ -264,10 +271,7 @@ pub(super) unsafe fn csc_col(
     }
     for q in k..n {
         if let Some(t) = scalar(rows[q], xs[q], &mut prev) {
-            unsafe {
-                *idx_out.add(len) = rows[q] as u32;
-                *val_out.add(len) = t;
-            }
+            unsafe { *out.add(len) = rows[q] as u32 as u64 | (t.to_bits() as u64) << 32 };
             len += 1;
         }
     }

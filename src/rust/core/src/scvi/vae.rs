@@ -281,20 +281,43 @@ impl Isa {
     }
 }
 
-/// Non-zero inputs of a layer: input indices (increasing) and their values.
+/// Non-zero inputs of a layer: input indices (increasing) and their values; or, for the
+/// AVX-512 first layer, both in one `u64` each (`pk`: the index in the low 32 bits, the
+/// value's bits in the high 32), one load per non-zero instead of two.
 #[derive(Debug, Default, Clone)]
 struct Nz {
     idx: Vec<u32>,
     val: Vec<f32>,
+    pk: Vec<u64>,
+}
+
+/// One non-zero as an `Nz::pk` entry.
+#[inline(always)]
+fn pack(g: u32, v: f32) -> u64 {
+    g as u64 | (v.to_bits() as u64) << 32
 }
 
 impl Nz {
     fn clear(&mut self) {
         self.idx.clear();
         self.val.clear();
+        self.pk.clear();
     }
+    /// Entries so far (one form is used at a time).
     fn len(&self) -> usize {
-        self.idx.len()
+        self.idx.len().max(self.pk.len())
+    }
+    /// The packed entries as `idx` / `val` (emptying `pk`).
+    fn unpack(&mut self) {
+        if self.pk.is_empty() {
+            return;
+        }
+        self.idx.clear();
+        self.val.clear();
+        self.idx.extend(self.pk.iter().map(|&e| e as u32));
+        self.val
+            .extend(self.pk.iter().map(|&e| f32::from_bits((e >> 32) as u32)));
+        self.pk.clear();
     }
     #[inline]
     fn push(&mut self, g: u32, v: f32) {
@@ -1230,10 +1253,8 @@ impl ScviEncoder {
                         #[cfg(all(target_arch = "x86_64", scannot_avx512))]
                         Isa::Avx512 => {
                             let n = rows.len().min(xs.len());
-                            nz.idx.reserve(n);
-                            nz.val.reserve(n);
-                            let len = nz.idx.len();
-                            assert!(nz.val.len() == len);
+                            nz.pk.reserve(n);
+                            let len = nz.pk.len();
                             // SAFETY: Isa::Avx512 only comes from Isa::detect(), which
                             // checked AVX-512 F/DQ/VL; room for n more entries was reserved,
                             // and the kernel wrote every entry below the length it returns
@@ -1243,14 +1264,12 @@ impl ScviEncoder {
                                     xs,
                                     &self.log_table,
                                     ng,
-                                    nz.idx.as_mut_ptr(),
-                                    nz.val.as_mut_ptr(),
+                                    nz.pk.as_mut_ptr(),
                                     len,
                                     -1,
                                     &mut scalar,
                                 );
-                                nz.idx.set_len(end);
-                                nz.val.set_len(end);
+                                nz.pk.set_len(end);
                             }
                         }
                         #[cfg(target_arch = "x86_64")]
@@ -1270,7 +1289,9 @@ impl ScviEncoder {
                             }
                         }
                     }
-                    if !sorted {
+                    if !sorted && isa.wide() {
+                        nz.pk[a..].sort_unstable_by_key(|&e| e as u32);
+                    } else if !sorted {
                         let mut cell: Vec<(u32, f32)> = nz.idx[a..]
                             .iter()
                             .copied()
@@ -1286,7 +1307,12 @@ impl ScviEncoder {
                 ExprMatrix::Dense(m) => {
                     for (g, &v) in m.col(j).iter().enumerate() {
                         if v != 0.0 {
-                            nz.push(g as u32, self.transform(v, &mut frac, &mut bad));
+                            let t = self.transform(v, &mut frac, &mut bad);
+                            if isa.wide() {
+                                nz.pk.push(pack(g as u32, t));
+                            } else {
+                                nz.push(g as u32, t);
+                            }
                         }
                     }
                 }
@@ -1347,6 +1373,10 @@ impl ScviEncoder {
         let one_panel = isa.wide() && s0 <= kp;
         #[cfg(not(all(target_arch = "x86_64", scannot_avx512)))]
         let one_panel = false;
+        if !one_panel {
+            // the panel loop below takes idx / val
+            nz.unpack();
+        }
         for g0 in (0..ng).step_by(chunk) {
             let g1 = (g0 + chunk).min(ng) as u32;
             if one_panel {
@@ -1354,16 +1384,7 @@ impl ScviEncoder {
                 // AVX-512 F
                 #[cfg(all(target_arch = "x86_64", scannot_avx512))]
                 unsafe {
-                    super::latent_avx512::chunk(
-                        acc,
-                        wfirst,
-                        s0,
-                        &nz.idx,
-                        &nz.val,
-                        cursor,
-                        &starts[1..],
-                        g1,
-                    )
+                    super::latent_avx512::chunk(acc, wfirst, s0, &nz.pk, cursor, &starts[1..], g1)
                 };
                 continue;
             }
@@ -1758,6 +1779,7 @@ mod kernel_tests {
             let m = CscView::new(n_genes, 5, &p, i, x).unwrap();
             let (mut nz, mut starts) = (Nz::default(), Vec::new());
             let f = enc.block_nonzeros(&ExprMatrix::Csc(m), 0, 5, isa, &mut nz, &mut starts);
+            nz.unpack();
             (nz.idx, nz.val, starts, f.invalid, f.non_integer)
         };
         let want = run(&x, &i, Isa::Plain);
@@ -1841,6 +1863,7 @@ mod kernel_tests {
                 &mut nz,
                 &mut starts,
             );
+            nz.unpack();
             (nz.idx, nz.val, starts, f.invalid, f.non_integer)
         };
         let want = run(Isa::Plain);
