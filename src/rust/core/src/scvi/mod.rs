@@ -6,6 +6,8 @@
 
 #[cfg(all(target_arch = "x86_64", scannot_avx512))]
 mod heads_avx512;
+#[cfg(all(target_arch = "x86_64", scannot_avx512))]
+mod latent_avx512;
 pub mod loss;
 pub(crate) mod loss_avx2;
 #[cfg(all(target_arch = "x86_64", scannot_avx512))]

@@ -14,9 +14,10 @@
 //! [`crate::threads::with_threads`]); within a block the first layer is a sparse x dense
 //! product that walks only the non-zero counts, gene chunk by gene chunk so that a
 //! cache-sized piece of the weights (column panels stored one after the other) serves every
-//! cell of the block, with an AVX2 kernel that keeps 64 outputs in registers (portable
-//! fallback). The count checks
-//! and the `log1p` transform are one pass over the block's values.
+//! cell of the block, with an AVX2 kernel that keeps 64 outputs in registers, or with
+//! AVX-512 (rustc >= 1.89, [`super::latent_avx512`]) 128 outputs in one pass over a cell's
+//! non-zeros (portable fallback). The count checks and the `log1p` transform are one pass
+//! over the block's values.
 
 use super::model_file::{ScviModelFile, Tensor};
 use crate::error::{ScError, ScResult};
@@ -33,6 +34,11 @@ pub(crate) const PANEL: usize = 32;
 /// genes per chunk of the blocked first layer: a 64-output panel of 128 weight rows is 32
 /// KiB, contiguous (L1 / L2; 128 measured best among 64..1024)
 const GENE_CHUNK: usize = 128;
+
+/// Genes per chunk of the first layer with the 128-wide AVX-512 panels (64 KB of weights,
+/// L2-resident: measured faster than L1-sized chunks, whose per-cell overhead, the loop
+/// exit and the accumulator loads, outweighs the L1 hits).
+const WIDE_CHUNK: usize = 128;
 /// cells encoded together within a parallel work unit: their non-zeros (~300 KiB at 4,000
 /// genes and 30 % density) stay in L2 while the gene chunks pass over them
 const SUB_BLOCK: usize = 64;
@@ -85,7 +91,7 @@ impl Linear {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn axpy(out: &mut [f64], a: f64, row: &[f64]) {
     for (o, r) in out.iter_mut().zip(row) {
         *o += a * r;
@@ -94,7 +100,7 @@ fn axpy(out: &mut [f64], a: f64, row: &[f64]) {
 
 /// `sum_i f(x_i)` over 8 interleaved partial sums (vectorises; a single running sum is a
 /// chain of dependent adds).
-#[inline]
+#[inline(always)]
 fn sum8(x: &[f64], f: impl Fn(f64) -> f64) -> f64 {
     let mut acc = [0.0f64; 8];
     let mut it = x.chunks_exact(8);
@@ -149,6 +155,8 @@ pub struct ScviEncoder {
     /// ([`panel_major`]): one gene chunk of a panel is contiguous (layer 0 keeps no
     /// row-major `wt32`)
     first32: Aligned,
+    /// the same in 128-wide panels for the AVX-512 kernel (empty without AVX-512)
+    first_wide: Aligned,
     /// the mean and var heads side by side in f32 (`n_hidden x head_stride`, columns
     /// `[mean | var | 0...]`) and their biases `[mean | var]`
     head32: Aligned,
@@ -216,13 +224,22 @@ fn padded32(wt: &[f64], n_out: usize, stride: usize) -> Vec<f32> {
 enum Isa {
     /// portable Rust
     Plain,
-    /// AVX2 + FMA intrinsics (AVX2's 8-wide FMA runs at the rate of AVX-512's 16-wide one
-    /// on AMD Zen 4, and AVX-512 intrinsics would need rustc 1.89)
+    /// AVX2 + FMA intrinsics
     Avx2,
+    /// AVX-512 F/DQ/VL (rustc >= 1.89): the first layer with 128 outputs per panel (AVX2
+    /// kernels for the small layers)
+    #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+    Avx512,
 }
 
 impl Isa {
     fn detect() -> Isa {
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        {
+            if super::simd::avx512() {
+                return Isa::Avx512;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if super::simd::avx2_fma() {
@@ -231,22 +248,76 @@ impl Isa {
         }
         Isa::Plain
     }
+
+    /// Whether the AVX2 + FMA kernels may run (AVX-512 implies them).
+    fn avx2(self) -> bool {
+        self != Isa::Plain
+    }
+
+    /// Whether the first layer uses the 128-wide AVX-512 panels.
+    fn wide(self) -> bool {
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        {
+            self == Isa::Avx512
+        }
+        #[cfg(not(all(target_arch = "x86_64", scannot_avx512)))]
+        {
+            false
+        }
+    }
+
+    /// The kernels this build can run on this CPU (portable first).
+    #[cfg(test)]
+    fn available() -> Vec<Isa> {
+        let best = Isa::detect();
+        let mut v = vec![Isa::Plain];
+        if best.avx2() {
+            v.push(Isa::Avx2);
+        }
+        if best.wide() {
+            v.push(best);
+        }
+        v
+    }
 }
 
-/// Non-zero inputs of a layer: input indices (increasing) and their values.
+/// Non-zero inputs of a layer: input indices (increasing) and their values; or, for the
+/// AVX-512 first layer, both in one `u64` each (`pk`: the index in the low 32 bits, the
+/// value's bits in the high 32), one load per non-zero instead of two.
 #[derive(Debug, Default, Clone)]
 struct Nz {
     idx: Vec<u32>,
     val: Vec<f32>,
+    pk: Vec<u64>,
+}
+
+/// One non-zero as an `Nz::pk` entry.
+#[inline(always)]
+fn pack(g: u32, v: f32) -> u64 {
+    g as u64 | (v.to_bits() as u64) << 32
 }
 
 impl Nz {
     fn clear(&mut self) {
         self.idx.clear();
         self.val.clear();
+        self.pk.clear();
     }
+    /// Entries so far (one form is used at a time).
     fn len(&self) -> usize {
-        self.idx.len()
+        self.idx.len().max(self.pk.len())
+    }
+    /// The packed entries as `idx` / `val` (emptying `pk`).
+    fn unpack(&mut self) {
+        if self.pk.is_empty() {
+            return;
+        }
+        self.idx.clear();
+        self.val.clear();
+        self.idx.extend(self.pk.iter().map(|&e| e as u32));
+        self.val
+            .extend(self.pk.iter().map(|&e| f32::from_bits((e >> 32) as u32)));
+        self.pk.clear();
     }
     #[inline]
     fn push(&mut self, g: u32, v: f32) {
@@ -336,7 +407,7 @@ const KPANEL: usize = 64;
 
 /// One column panel: `y[..width] += sum_k val_k * w[idx_k * stride..][..width]` over the
 /// leading non-zeros with `idx_k < limit`; returns how many that is. `w` starts at the
-/// panel's first column; `width` is 16, 32, 48 or 64.
+/// panel's first column; `width` is a multiple of 16 up to [`kpanel`]`(isa)`.
 #[allow(clippy::too_many_arguments)]
 fn panel_acc(
     y: &mut [f32],
@@ -349,9 +420,14 @@ fn panel_acc(
     isa: Isa,
 ) -> usize {
     match isa {
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        // SAFETY: Isa::Avx512 only comes from Isa::detect(), which checked AVX-512 F
+        Isa::Avx512 if width > 64 => unsafe {
+            super::latent_avx512::panel(y, w, stride, width, idx, val, limit)
+        },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Isa::Avx2 only comes from Isa::detect(), which checked AVX2 and FMA
-        Isa::Avx2 => unsafe {
+        // SAFETY: Isa::Avx2 / Avx512 only come from Isa::detect(), which checked AVX2 and FMA
+        _ if isa.avx2() => unsafe {
             match width {
                 64 => rows_avx2::<8>(y, w, stride, idx, val, limit),
                 48 => rows_avx2::<6>(y, w, stride, idx, val, limit),
@@ -368,11 +444,21 @@ fn panel_acc(
     }
 }
 
-/// The widths of the column panels of `stride` outputs (a multiple of 16).
-fn panel_widths(stride: usize) -> impl Iterator<Item = (usize, usize)> {
+/// Outputs per column panel for the kernels of `isa`: 128 (8 zmm registers) with AVX-512.
+fn kpanel(isa: Isa) -> usize {
+    if isa.wide() {
+        2 * KPANEL
+    } else {
+        KPANEL
+    }
+}
+
+/// The column panels `(first column, width)` of `stride` outputs (a multiple of 16), `kp`
+/// wide but the last.
+fn panel_widths(stride: usize, kp: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..stride / 16 * 16)
-        .step_by(KPANEL)
-        .map(move |c0| (c0, (stride / 16 * 16 - c0).min(KPANEL)))
+        .step_by(kp)
+        .map(move |c0| (c0, (stride / 16 * 16 - c0).min(kp)))
 }
 
 /// `y += sum_k val_k * w[idx_k, :]` over the leading non-zeros with `idx_k < limit`
@@ -381,7 +467,7 @@ fn panel_widths(stride: usize) -> impl Iterator<Item = (usize, usize)> {
 fn rows_acc(y: &mut [f32], w: &[f32], idx: &[u32], val: &[f32], limit: u32, isa: Isa) -> usize {
     let stride = y.len();
     let mut m = idx.len().min(val.len());
-    for (c0, width) in panel_widths(stride) {
+    for (c0, width) in panel_widths(stride, kpanel(isa)) {
         let wc = &w[c0.min(w.len())..];
         m = panel_acc(
             &mut y[c0..],
@@ -397,11 +483,11 @@ fn rows_acc(y: &mut [f32], w: &[f32], idx: &[u32], val: &[f32], limit: u32, isa:
     m
 }
 
-/// Row-major `rows x stride` weights cut into column panels ([`panel_widths`]), each
-/// `rows x width` row-major, one after the other: panel `p` starts at `p * KPANEL * rows`.
-fn panel_major(w: &[f32], rows: usize, stride: usize) -> Vec<f32> {
+/// Row-major `rows x stride` weights cut into column panels ([`panel_widths`]) `kp` wide,
+/// each `rows x width` row-major, one after the other: panel `p` starts at `p * kp * rows`.
+fn panel_major(w: &[f32], rows: usize, stride: usize, kp: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(rows * stride);
-    for (c0, width) in panel_widths(stride) {
+    for (c0, width) in panel_widths(stride, kp) {
         for r in w.chunks_exact(stride).take(rows) {
             v.extend_from_slice(&r[c0..c0 + width]);
         }
@@ -513,9 +599,32 @@ pub(crate) fn panels(wt: &[f32], n_genes: usize, n_out: usize) -> Vec<f32> {
     v
 }
 
+/// A pointer into the output that the blocks of [`ScviEncoder::latent_isa`] share; each
+/// writes only its own cells.
+#[derive(Clone, Copy)]
+struct Out(*mut f64);
+
+// SAFETY: the blocks write disjoint entries (see the use)
+unsafe impl Send for Out {}
+// SAFETY: as above
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn get(self) -> *mut f64 {
+        self.0
+    }
+}
+
+thread_local! {
+    /// The scratch of each thread that runs latent blocks, kept between calls.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
 /// Per-thread scratch of [`ScviEncoder::encode_block`].
 #[derive(Default)]
 struct Scratch {
+    /// the block's latent, per cell: mean then var
+    out: Vec<f64>,
     /// the block's transformed non-zero counts, cell after cell
     nz: Nz,
     /// cell `k`'s non-zeros are `nz[starts[k]..starts[k + 1]]`
@@ -532,6 +641,15 @@ struct Scratch {
     a1: Vec<f32>,
 }
 
+/// What [`ScviEncoder::cells_tail`] needs of a block besides the scratch.
+struct Tail<'t, 'c> {
+    first: usize,
+    n: usize,
+    cov: &'t Covariates<'c>,
+    codes: &'t [Option<&'c [u32]>],
+    isa: Isa,
+}
+
 /// What the pass over a block's counts found.
 #[derive(Debug, Clone, Copy, Default)]
 struct BlockFlags {
@@ -542,13 +660,21 @@ struct BlockFlags {
 }
 
 /// The non-zeros of a hidden layer's output (after ReLU) as f32.
+#[inline(always)]
 fn hidden_nonzeros(x: &[f64], nz: &mut Nz) {
-    nz.clear();
+    // without a branch per value: about half the values are zero, in no predictable order
+    nz.idx.resize(x.len(), 0);
+    nz.val.resize(x.len(), 0.0);
+    let mut n = 0;
+    let (idx, val) = (&mut nz.idx[..], &mut nz.val[..]);
     for (i, &v) in x.iter().enumerate() {
-        if v != 0.0 {
-            nz.push(i as u32, v as f32);
-        }
+        // n <= i < x.len() = idx.len() = val.len()
+        idx[n] = i as u32;
+        val[n] = v as f32;
+        n += (v != 0.0) as usize;
     }
+    nz.idx.truncate(n);
+    nz.val.truncate(n);
 }
 
 /// `y += sum_k v_k * w[g_k, :]` over the non-zeros `(g_k, v_k)`, `w` row-major with rows of
@@ -827,13 +953,19 @@ impl ScviEncoder {
         }
         let head_b = mean.b.iter().chain(&var.b).copied().collect();
         let mut layers = layers;
-        let first32 = match layers.first_mut() {
+        let (first32, first_wide) = match layers.first_mut() {
             Some(l0) => {
-                let p = panel_major(&l0.wt32, n_genes, l0.stride);
+                let p = panel_major(&l0.wt32, n_genes, l0.stride, KPANEL);
+                let wide = Isa::detect().wide();
+                let pw = if wide {
+                    panel_major(&l0.wt32, n_genes, l0.stride, 2 * KPANEL)
+                } else {
+                    Vec::new()
+                };
                 l0.wt32 = Aligned::new(&[]);
-                Aligned::new(&p)
+                (Aligned::new(&p), Aligned::new(&pw))
             }
-            None => Aligned::new(&[]),
+            None => (Aligned::new(&[]), Aligned::new(&[])),
         };
         ScviEncoder {
             n_genes,
@@ -844,6 +976,7 @@ impl ScviEncoder {
             log_table,
             mean,
             first32,
+            first_wide,
             head32: Aligned::new(&head32),
             head_stride,
             head_b,
@@ -899,10 +1032,8 @@ impl ScviEncoder {
         counts: &ExprMatrix,
         cov: &Covariates,
     ) -> Vec<LatentOutput> {
-        let best = Isa::detect();
-        [Isa::Plain, Isa::Avx2]
+        Isa::available()
             .into_iter()
-            .filter(|&i| i == Isa::Plain || best == Isa::Avx2)
             .map(|i| self.latent_isa(counts, cov, 7, i).unwrap().0)
             .collect()
     }
@@ -929,34 +1060,48 @@ impl ScviEncoder {
         let nl = self.n_latent();
         // per cell: latent mean then var
         let per = (2 * nl).max(1);
-        let mut per_cell = vec![0.0f64; n_cells * per];
-        let flags: Vec<BlockFlags> = per_cell
-            .par_chunks_mut(block * per)
-            .enumerate()
-            .map_init(Scratch::default, |s, (blk, out)| {
-                // sub-blocks small enough that their non-zeros stay in L2
-                let mut f = BlockFlags::default();
-                for (q, o) in out.chunks_mut(SUB_BLOCK * per).enumerate() {
-                    let first = blk * block + q * SUB_BLOCK;
-                    let g = self.encode_block(counts, first, o.len() / per, cov, &codes, isa, s, o);
-                    f.invalid |= g.invalid;
-                    f.non_integer |= g.non_integer;
-                }
-                f
+        let mut mean = vec![0.0; n_cells * nl];
+        let mut var = vec![0.0; n_cells * nl];
+        let (mp, vp) = (Out(mean.as_mut_ptr()), Out(var.as_mut_ptr()));
+        let flags: Vec<BlockFlags> = (0..n_cells.div_ceil(block))
+            .into_par_iter()
+            .map(|blk| {
+                // the scratch stays with the thread between calls (no page faults)
+                SCRATCH.with_borrow_mut(|s| {
+                    let mut f = BlockFlags::default();
+                    let end = ((blk + 1) * block).min(n_cells);
+                    // sub-blocks small enough that their non-zeros stay in L2
+                    for first in (blk * block..end).step_by(SUB_BLOCK) {
+                        let n = (end - first).min(SUB_BLOCK);
+                        let mut o = std::mem::take(&mut s.out);
+                        o.clear();
+                        o.resize(n * per, 0.0);
+                        let g = self.encode_block(counts, first, n, cov, &codes, isa, s, &mut o);
+                        f.invalid |= g.invalid;
+                        f.non_integer |= g.non_integer;
+                        for (k, c) in o.chunks_exact(per).enumerate().take(n) {
+                            for l in 0..nl {
+                                let at = l * n_cells + first + k;
+                                // SAFETY: at < nl * n_cells, the length of mean and var,
+                                // which outlive the loop; each block writes only its own
+                                // cells `first..first + n`, so no two threads write one
+                                // entry and nothing reads them before the loop ends
+                                unsafe {
+                                    *mp.get().add(at) = c[l];
+                                    *vp.get().add(at) = c[nl + l];
+                                }
+                            }
+                        }
+                        s.out = o;
+                    }
+                    f
+                })
             })
             .collect();
         if flags.iter().any(|f| f.invalid) {
             return Err(self.invalid_counts(counts));
         }
         let non_integer = flags.iter().any(|f| f.non_integer);
-        let mut mean = vec![0.0; n_cells * nl];
-        let mut var = vec![0.0; n_cells * nl];
-        for (j, c) in per_cell.chunks_exact(per).enumerate().take(n_cells) {
-            for l in 0..nl {
-                mean[l * n_cells + j] = c[l];
-                var[l * n_cells + j] = c[nl + l];
-            }
-        }
         Ok((
             LatentOutput {
                 n_cells,
@@ -1105,10 +1250,32 @@ impl ScviEncoder {
                         (v != 0.0).then(|| self.transform(v, &mut frac, &mut bad))
                     };
                     match isa {
+                        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+                        Isa::Avx512 => {
+                            let n = rows.len().min(xs.len());
+                            nz.pk.reserve(n);
+                            let len = nz.pk.len();
+                            // SAFETY: Isa::Avx512 only comes from Isa::detect(), which
+                            // checked AVX-512 F/DQ/VL; room for n more entries was reserved,
+                            // and the kernel wrote every entry below the length it returns
+                            unsafe {
+                                let end = super::latent_avx512::csc_col(
+                                    rows,
+                                    xs,
+                                    &self.log_table,
+                                    ng,
+                                    nz.pk.as_mut_ptr(),
+                                    len,
+                                    -1,
+                                    &mut scalar,
+                                );
+                                nz.pk.set_len(end);
+                            }
+                        }
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2 => {
-                            // SAFETY: Isa::Avx2 only comes from Isa::detect(), which checked
-                            // AVX2 and FMA
+                        _ if isa.avx2() => {
+                            // SAFETY: Isa::Avx2 / Avx512 only come from Isa::detect(), which
+                            // checked AVX2 and FMA
                             unsafe {
                                 csc_col_avx2(rows, xs, &self.log_table, ng, nz, -1, &mut scalar)
                             };
@@ -1122,7 +1289,9 @@ impl ScviEncoder {
                             }
                         }
                     }
-                    if !sorted {
+                    if !sorted && isa.wide() {
+                        nz.pk[a..].sort_unstable_by_key(|&e| e as u32);
+                    } else if !sorted {
                         let mut cell: Vec<(u32, f32)> = nz.idx[a..]
                             .iter()
                             .copied()
@@ -1138,7 +1307,12 @@ impl ScviEncoder {
                 ExprMatrix::Dense(m) => {
                     for (g, &v) in m.col(j).iter().enumerate() {
                         if v != 0.0 {
-                            nz.push(g as u32, self.transform(v, &mut frac, &mut bad));
+                            let t = self.transform(v, &mut frac, &mut bad);
+                            if isa.wide() {
+                                nz.pk.push(pack(g as u32, t));
+                            } else {
+                                nz.push(g as u32, t);
+                            }
                         }
                     }
                 }
@@ -1178,6 +1352,7 @@ impl ScviEncoder {
             y2,
             hnz,
             a1,
+            ..
         } = s;
         // the gene part of the first layer, gene chunk by gene chunk over the block: each
         // cell's non-zeros of the chunk run from its cursor up to the first gene past it
@@ -1189,11 +1364,33 @@ impl ScviEncoder {
         cursor.extend_from_slice(&starts[..n]);
         taken.resize(n, 0);
         let ng = self.n_genes;
-        for g0 in (0..ng).step_by(GENE_CHUNK) {
-            let g1 = (g0 + GENE_CHUNK).min(ng) as u32;
-            for (pi, (c0, width)) in panel_widths(s0).enumerate() {
-                // panel p of the weights: rows of `width` at p * KPANEL * n_genes = c0 * ng
-                let wp = &self.first32[(c0 * ng).min(self.first32.len())..];
+        let (kp, chunk, wfirst) = if isa.wide() {
+            (2 * KPANEL, WIDE_CHUNK, &self.first_wide)
+        } else {
+            (KPANEL, GENE_CHUNK, &self.first32)
+        };
+        #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+        let one_panel = isa.wide() && s0 <= kp;
+        #[cfg(not(all(target_arch = "x86_64", scannot_avx512)))]
+        let one_panel = false;
+        if !one_panel {
+            // the panel loop below takes idx / val
+            nz.unpack();
+        }
+        for g0 in (0..ng).step_by(chunk) {
+            let g1 = (g0 + chunk).min(ng) as u32;
+            if one_panel {
+                // SAFETY: Isa::Avx512 (wide) only comes from Isa::detect(), which checked
+                // AVX-512 F
+                #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+                unsafe {
+                    super::latent_avx512::chunk(acc, wfirst, s0, &nz.pk, cursor, &starts[1..], g1)
+                };
+                continue;
+            }
+            for (pi, (c0, width)) in panel_widths(s0, kp).enumerate() {
+                // panel p of the weights: rows of `width` at p * kp * n_genes = c0 * ng
+                let wp = &wfirst[(c0 * ng).min(wfirst.len())..];
                 for (k, ((&a, &end), t)) in cursor
                     .iter()
                     .zip(&starts[1..])
@@ -1213,6 +1410,90 @@ impl ScviEncoder {
                 *c += t;
             }
         }
+        let t = Tail {
+            first,
+            n,
+            cov,
+            codes,
+            isa,
+        };
+        match isa {
+            #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+            // SAFETY: Isa::Avx512 only comes from Isa::detect(), which checked AVX-512 F
+            Isa::Avx512 => unsafe { self.cells_tail_avx512(&t, acc, y, y2, hnz, a1, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Isa::Avx2 only comes from Isa::detect(), which checked AVX2 and FMA
+            _ if isa.avx2() => unsafe { self.cells_tail_avx2(&t, acc, y, y2, hnz, a1, out) },
+            _ => self.cells_tail(&t, acc, y, y2, hnz, a1, out),
+        }
+        flags
+    }
+
+    /// [`Self::cells_tail`] compiled for AVX2 (the f64 steps vectorised 4 wide).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn cells_tail_avx2(
+        &self,
+        t: &Tail,
+        acc: &[f32],
+        y: &mut Vec<f64>,
+        y2: &mut Vec<f64>,
+        hnz: &mut Nz,
+        a1: &mut Vec<f32>,
+        out: &mut [f64],
+    ) {
+        self.cells_tail(t, acc, y, y2, hnz, a1, out)
+    }
+
+    /// [`Self::cells_tail`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F.
+    #[cfg(all(target_arch = "x86_64", scannot_avx512))]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments, clippy::incompatible_msrv)]
+    unsafe fn cells_tail_avx512(
+        &self,
+        t: &Tail,
+        acc: &[f32],
+        y: &mut Vec<f64>,
+        y2: &mut Vec<f64>,
+        hnz: &mut Nz,
+        a1: &mut Vec<f32>,
+        out: &mut [f64],
+    ) {
+        self.cells_tail(t, acc, y, y2, hnz, a1, out)
+    }
+
+    /// Per cell of a block, after the gene part of the first layer (`acc`, `n x stride`):
+    /// the rest of the first layer, the hidden layers and the mean / var heads, into `out`
+    /// (per cell: mean then var). The same f64 and f32 operations in every build (no
+    /// contraction into FMAs): only the vector width differs.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn cells_tail(
+        &self,
+        t: &Tail,
+        acc: &[f32],
+        y: &mut Vec<f64>,
+        y2: &mut Vec<f64>,
+        hnz: &mut Nz,
+        a1: &mut Vec<f32>,
+        out: &mut [f64],
+    ) {
+        let Tail {
+            first,
+            n,
+            cov,
+            codes,
+            isa,
+        } = *t;
+        let l0 = &self.layers[0];
+        let s0 = l0.stride;
         let max_h = self
             .layers
             .iter()
@@ -1259,11 +1540,11 @@ impl ScviEncoder {
                 *v = v.exp() + VAR_EPS;
             }
         }
-        flags
     }
 
     /// The rest of a layer on its linear output `y` (features part done): the one-hot
     /// covariate columns, batch norm, layer norm and ReLU.
+    #[inline(always)]
     fn finish_layer(
         &self,
         layer: &FcLayer,
@@ -1312,11 +1593,7 @@ mod kernel_tests {
 
     /// The kernels this CPU can run.
     fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Plain];
-        if Isa::detect() == Isa::Avx2 {
-            v.push(Isa::Avx2);
-        }
-        v
+        Isa::available()
     }
 
     fn weights(n_in: usize, n_out: usize, seed: usize) -> Linear {
@@ -1502,6 +1779,7 @@ mod kernel_tests {
             let m = CscView::new(n_genes, 5, &p, i, x).unwrap();
             let (mut nz, mut starts) = (Nz::default(), Vec::new());
             let f = enc.block_nonzeros(&ExprMatrix::Csc(m), 0, 5, isa, &mut nz, &mut starts);
+            nz.unpack();
             (nz.idx, nz.val, starts, f.invalid, f.non_integer)
         };
         let want = run(&x, &i, Isa::Plain);
@@ -1543,6 +1821,60 @@ mod kernel_tests {
         let m = CscView::new(n_genes, 5, &p, &bad_i, &x).unwrap();
         let e = enc.latent_counts(&ExprMatrix::Csc(m), &cov, 2).unwrap_err();
         assert!(e.to_string().contains("row indices"), "{e}");
+    }
+
+    /// Whole counts across the table (1..64 by the AVX-512 permutes, larger ones by gather,
+    /// 4095 = the last entry, beyond the table by the scalar path) in full SIMD groups: every
+    /// kernel gives the scalar pass's values, equal to `ln_1p` in f32.
+    #[test]
+    fn count_pass_table_lookups_for_every_kernel() {
+        let n_genes = 400;
+        let enc = toy_encoder(n_genes, 16, 16);
+        // column 0: counts 1..=64 then 1..=64 reversed (groups all below 64, groups with 64);
+        // column 1: 65..=400 (gather); column 2: 4095 and 4096 among small counts
+        let mut cols: Vec<Vec<f64>> = vec![
+            (1..=64).chain((1..=64).rev()).map(f64::from).collect(),
+            (65..=400).map(f64::from).collect(),
+            (0..48).map(|k| f64::from(k % 7 + 1)).collect(),
+        ];
+        cols[2][20] = 4095.0;
+        cols[2][40] = 4096.0;
+        let mut p = vec![0i32];
+        let (mut i, mut x) = (Vec::new(), Vec::new());
+        for c in &cols {
+            // rows spread over the genes, increasing
+            i.extend((0..c.len()).map(|g| (g * n_genes / c.len()) as i32));
+            x.extend_from_slice(c);
+            p.push(x.len() as i32);
+        }
+        for c in p.windows(2) {
+            assert!(i[c[0] as usize..c[1] as usize]
+                .windows(2)
+                .all(|w| w[0] < w[1]));
+        }
+        let run = |isa: Isa| {
+            let m = CscView::new(n_genes, cols.len(), &p, &i, &x).unwrap();
+            let (mut nz, mut starts) = (Nz::default(), Vec::new());
+            let f = enc.block_nonzeros(
+                &ExprMatrix::Csc(m),
+                0,
+                cols.len(),
+                isa,
+                &mut nz,
+                &mut starts,
+            );
+            nz.unpack();
+            (nz.idx, nz.val, starts, f.invalid, f.non_integer)
+        };
+        let want = run(Isa::Plain);
+        assert_eq!(want.0.len(), x.len());
+        assert!(!want.3 && !want.4);
+        for (v, &c) in want.1.iter().zip(&x) {
+            assert_eq!(*v, c.ln_1p() as f32, "count {c}");
+        }
+        for isa in isas() {
+            assert_eq!(run(isa), want, "{isa:?}");
+        }
     }
 
     /// The row kernels against a plain f64 sum, for widths with each panel remainder and
