@@ -62,5 +62,28 @@ t_peer_first <- as.numeric(sub(".*first_seconds=([0-9.]+).*", "\\1", grep("first
 cat(sprintf("RATIO h5ad read: anndata %.3f s / scannot %.3f s = %.2fx (best of 3 each)\n", t_peer, t_scannot, t_peer / t_scannot))
 cat(sprintf("RATIO h5ad first read in the process: anndata %.3f s / scannot %.3f s = %.2fx\n",
             t_peer_first, t_first, t_peer_first / t_first))
+# first reads in fresh processes, the two tools alternating (SCANNOT_BENCH_H5AD_FRESH rounds,
+# default 5): both pay the kernel's supply of fresh memory, whose cost on a VM swings with
+# what the kernel has at hand (numpy asks for transparent huge pages: fast when 2 MB pages
+# are free and already backed by the host, up to seconds when not; scannot maps 4 KB pages
+# unless SCANNOT_MAP_HUGE=1), so medians over alternating rounds are compared
+n_fresh <- as.integer(Sys.getenv("SCANNOT_BENCH_H5AD_FRESH", "5"))
+if (n_fresh > 0) {
+  rscript <- file.path(R.home("bin"), "Rscript")
+  code <- sprintf(paste0("suppressPackageStartupMessages(library(scannot)); ",
+                         "cat(system.time(read_h5ad('%s', as = 'list'))[['elapsed']])"), f)
+  fresh <- t(vapply(seq_len(n_fresh), function(r) {
+    s <- as.numeric(system2(rscript, c("-e", shQuote(code)), stdout = TRUE))
+    o <- system2(py, c("bench/peers/h5ad_anndata.py", "read", f), stdout = TRUE)
+    a <- as.numeric(sub(".*first_seconds=([0-9.]+).*", "\\1", grep("first_seconds=", o, value = TRUE)))
+    c(scannot = s, anndata = a)
+  }, c(scannot = 0, anndata = 0)))
+  cat(sprintf("fresh-process first reads (%d rounds, alternating): scannot %s s; anndata %s s\n",
+              n_fresh, paste(sprintf("%.3f", fresh[, "scannot"]), collapse = " "),
+              paste(sprintf("%.3f", fresh[, "anndata"]), collapse = " ")))
+  med <- apply(fresh, 2, stats::median)
+  cat(sprintf("RATIO h5ad first read, fresh processes (median of %d): anndata %.3f s / scannot %.3f s = %.2fx\n",
+              n_fresh, med[["anndata"]], med[["scannot"]], med[["anndata"]] / med[["scannot"]]))
+}
 cat("load average after:", load(), "\n")
 unlink(dir, recursive = TRUE)
