@@ -772,13 +772,10 @@ fn lower_bound_near(v: &[i32], x: i32, guess: usize) -> usize {
     lo + v[lo..hi].partition_point(|&r| r < x)
 }
 
-/// One scatter pass over the cells, each from its cursor: afterwards gene `r` (relative
-/// to g0) holds `vals[counts[r]..fill[r]]` / `codes[...]`, its non-zero values in
-/// compared cells. Space per gene comes from the stored-value counts.
-#[inline(never)]
-fn extract_csc(c: &CscView, g0: usize, g1: usize, row_nnz: &[u64], st: &Setup, sc: &mut Scratch) {
-    let nr = g1 - g0;
-    let (p, ii, x) = (c.p(), c.i(), c.x());
+/// Space per gene of the chunk `g0..g1` from the stored-value counts: `sc.counts` gets
+/// the start of each gene's span (and the total last), `sc.fill` each gene's write
+/// position (its start). Returns the total.
+fn gene_spans(row_nnz: &[u64], g0: usize, g1: usize, sc: &mut Scratch) -> usize {
     sc.counts.clear();
     sc.counts.push(0);
     let mut acc = 0usize;
@@ -786,13 +783,24 @@ fn extract_csc(c: &CscView, g0: usize, g1: usize, row_nnz: &[u64], st: &Setup, s
         acc += n as usize;
         sc.counts.push(acc);
     }
+    sc.fill.clear();
+    sc.fill
+        .extend(sc.counts[..g1 - g0].iter().map(|&c| c as u32));
+    acc
+}
+
+/// One scatter pass over the cells, each from its cursor: afterwards gene `r` (relative
+/// to g0) holds `vals[counts[r]..fill[r]]` / `codes[...]`, its non-zero values in
+/// compared cells. Space per gene comes from the stored-value counts.
+#[inline(never)]
+fn extract_csc(c: &CscView, g0: usize, g1: usize, row_nnz: &[u64], st: &Setup, sc: &mut Scratch) {
+    let (p, ii, x) = (c.p(), c.i(), c.x());
+    let acc = gene_spans(row_nnz, g0, g1, sc);
     // grow only: slots past a gene's fill are never read, so stale values may stay
     if sc.vals.len() < acc {
         sc.vals.resize(acc, 0.0);
         sc.codes.resize(acc, 0);
     }
-    sc.fill.clear();
-    sc.fill.extend(sc.counts[..nr].iter().map(|&c| c as u32));
     let g1i = g1 as i32;
     let g0i = g0 as i32;
     let (vals, codes, fill) = (&mut sc.vals[..], &mut sc.codes[..], &mut sc.fill[..]);
@@ -849,21 +857,12 @@ fn extract_csc_packed(
     cb: u64,
     sc: &mut Scratch,
 ) -> bool {
-    let nr = g1 - g0;
     let (p, ii, x) = (c.p(), c.i(), c.x());
-    sc.counts.clear();
-    sc.counts.push(0);
-    let mut acc = 0usize;
-    for &n in &row_nnz[g0..g1] {
-        acc += n as usize;
-        sc.counts.push(acc);
-    }
+    let acc = gene_spans(row_nnz, g0, g1, sc);
     // grow only: slots past a gene's fill are never read, so stale values may stay
     if sc.ent.len() < acc {
         sc.ent.resize(acc, 0);
     }
-    sc.fill.clear();
-    sc.fill.extend(sc.counts[..nr].iter().map(|&c| c as u32));
     let (g0i, g1i) = (g0 as i32, g1 as i32);
     let sb = st.slot_bits;
     let (ent, fill) = (&mut sc.ent[..], &mut sc.fill[..]);
