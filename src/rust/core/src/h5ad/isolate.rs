@@ -10,8 +10,11 @@
 //! than the matrices' values (which the parent reads through bounds-checked paths). If
 //! the child finds a bad heap, dies from a signal, or runs past [`TIMEOUT`], the file is
 //! a format error in the parent, which never touched the bad metadata. Where no child
-//! can be started, the parent checks the heaps of the whole file itself. The verdict is
-//! cached per (path, size, modification time): one walk per file version.
+//! can be started, the parent checks the heaps of the whole file itself. A child that
+//! finished its walk closes all its descriptors and writes a last byte: the parent goes
+//! on at once and a thread reaps the child (its exit, the teardown of its copy of the
+//! parent's memory, took 5-25 ms). The verdict is cached per (path, size, modification
+//! time): one walk per file version.
 //!
 //! The child restores the default action of the crash signals (the host's handlers, e.g.
 //! R's, must not run there), runs only HDF5 calls on the forking thread (no rayon, no R)
@@ -114,6 +117,14 @@ fn in_child(path: &str, hint: Option<Hint>) -> Result<(), String> {
                 // SAFETY: as below.
                 unsafe { libc::_exit(HEAP_BAD) };
             }
+            if have_pipe {
+                // the walk is over: close every other descriptor (the file's, with any
+                // lock on it), then tell the parent, which need not wait for this
+                // process's exit (the teardown of its copy of the parent's memory)
+                close_inherited("", ready[1]);
+                // SAFETY: writes one byte to this child's pipe end.
+                unsafe { libc::write(ready[1], [DONE_TAG].as_ptr().cast(), 1) };
+            }
             // SAFETY: ends the child at once, without the parent's exit handlers.
             unsafe { libc::_exit(0) };
         }
@@ -152,17 +163,22 @@ fn in_child(path: &str, hint: Option<Hint>) -> Result<(), String> {
     }
     let rd = Fd(if have_pipe { ready[0] } else { -1 });
     // what the child wrote: its "ready" byte, then the hint's size record (SIZE_TAG), then
-    // a heap error message (text: never SIZE_TAG)
+    // a heap error message (text: never SIZE_TAG) or, after a finished walk, DONE_TAG
     let mut got: Vec<u8> = Vec::new();
     let mut hinted = false;
-    let mut drain = |got: &mut Vec<u8>| {
+    // returns whether the pipe is at end of file (the child has exited, or is exiting)
+    let mut drain = |got: &mut Vec<u8>| -> bool {
         if rd.0 < 0 {
-            return;
+            return false;
         }
         let mut buf = [0u8; 4096];
+        let mut eof = false;
         loop {
             // SAFETY: a non-blocking read into a local buffer from our pipe end.
             let k = unsafe { libc::read(rd.0, buf.as_mut_ptr().cast(), buf.len()) };
+            if k == 0 {
+                eof = true;
+            }
             if k <= 0 || got.len() > 1 << 16 {
                 break;
             }
@@ -175,6 +191,7 @@ fn in_child(path: &str, hint: Option<Hint>) -> Result<(), String> {
                 f(nnz as usize, got[10] == 1);
             }
         }
+        eof
     };
     if rd.0 >= 0 {
         // SAFETY: sets O_NONBLOCK on our own pipe end.
@@ -189,13 +206,31 @@ fn in_child(path: &str, hint: Option<Hint>) -> Result<(), String> {
     }
     let start = Instant::now();
     let mut status: libc::c_int = 0;
+    let mut eof = false;
     loop {
         // SAFETY: waits for our own child; status is a plain integer.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
         if r == pid {
             break;
         }
-        drain(&mut got);
+        eof |= drain(&mut got);
+        let at = if got.get(1) == Some(&SIZE_TAG) { 11 } else { 1 };
+        if got.len() == at + 1 && got[at] == DONE_TAG {
+            // the walk finished and the child closed its descriptors: only its exit is
+            // left, reaped by a thread (or here, where none can be started)
+            let reaper = std::thread::Builder::new()
+                .name("scannot-reap".into())
+                .spawn(move || {
+                    let mut st: libc::c_int = 0;
+                    // SAFETY: waits for our own child; status is a plain integer.
+                    unsafe { libc::waitpid(pid, &mut st, 0) };
+                });
+            if reaper.is_err() {
+                // SAFETY: as above.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+            }
+            return Ok(());
+        }
         if r < 0 {
             // the child was reaped elsewhere (e.g. a SIGCHLD handler): its verdict is
             // unknown; the global heap check runs here
@@ -212,11 +247,20 @@ fn in_child(path: &str, hint: Option<Hint>) -> Result<(), String> {
                 TIMEOUT.as_secs()
             ));
         }
-        std::thread::sleep(Duration::from_millis(if start.elapsed().as_millis() < 50 {
-            1
+        if rd.0 >= 0 && !eof {
+            // wake as soon as the child writes (its size record) or exits (end of file:
+            // the child never closes its write end itself), at the latest after 10 ms
+            let mut pfd = libc::pollfd {
+                fd: rd.0,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polls our own pipe end, one pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 10) };
         } else {
-            10
-        }));
+            // exiting (or no pipe): its status comes within moments
+            std::thread::sleep(Duration::from_micros(if eof { 200 } else { 1000 }));
+        }
     }
     // the child has exited: the rest of what it wrote, then end of file
     drain(&mut got);
@@ -253,10 +297,15 @@ fn interrupted() -> bool {
 /// HDF5 file and leaves with `_exit`, so the stale handles are never used.
 fn close_inherited(path: &str, keep: libc::c_int) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(path) else {
-        return;
+    // (an empty path: close them all)
+    let (dev, ino) = if path.is_empty() {
+        (u64::MAX, u64::MAX)
+    } else {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        (meta.dev(), meta.ino())
     };
-    let (dev, ino) = (meta.dev(), meta.ino());
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
@@ -288,6 +337,9 @@ const HEAP_BAD: libc::c_int = 3;
 
 /// First byte of the child's size record for a [`Hint`] (never in UTF-8 text).
 const SIZE_TAG: u8 = 0xFF;
+
+/// The child's last byte after a walk that ended (never in UTF-8 text).
+const DONE_TAG: u8 = 0xFE;
 
 /// The child's work: find the raw data of the file's numeric datasets (object headers
 /// and chunk indexes only: nothing that reads a global heap), check the global heap

@@ -1292,7 +1292,9 @@ fn check_vlen_heap(c: &Container) -> ScResult<()> {
     f.seek(SeekFrom::Start(offset))
         .and_then(|_| f.read_exact(&mut raw))
         .map_err(|e| bad(e.to_string()))?;
-    let mut heaps: HashMap<u64, HashMap<u16, u64>> = HashMap::new();
+    // (consecutive strings mostly share a collection: the last one is looked at first)
+    let mut heaps: HashMap<u64, Vec<Option<u64>>> = HashMap::new();
+    let mut last: Option<(u64, Vec<Option<u64>>)> = None;
     for d in raw.chunks_exact(16) {
         let len = u32::from_le_bytes(d[0..4].try_into().unwrap()) as u64;
         let addr = u64::from_le_bytes(d[4..12].try_into().unwrap());
@@ -1300,14 +1302,19 @@ fn check_vlen_heap(c: &Container) -> ScResult<()> {
         if addr == 0 && len == 0 {
             continue;
         }
-        let objs = match heaps.entry(addr) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(read_heap_collection(&mut f, addr, flen).map_err(bad)?)
+        if last.as_ref().is_none_or(|l| l.0 != addr) {
+            if let Some((a, objs)) = last.take() {
+                heaps.insert(a, objs);
             }
-        };
-        match u16::try_from(idx).ok().and_then(|i| objs.get(&i)) {
-            Some(&size) if size >= len => {}
+            let objs = match heaps.remove(&addr) {
+                Some(objs) => objs,
+                None => read_heap_collection(&mut f, addr, flen).map_err(bad)?,
+            };
+            last = Some((addr, objs));
+        }
+        let objs = last.as_ref().map_or(&[][..], |l| &l.1[..]);
+        match objs.get(idx as usize).copied().flatten() {
+            Some(size) if size >= len => {}
             _ => {
                 return Err(bad(format!(
                     "heap object {idx} at {addr} is missing or too small"
@@ -1318,12 +1325,13 @@ fn check_vlen_heap(c: &Container) -> ScResult<()> {
     Ok(())
 }
 
-/// Object index -> size of a global heap collection ("GCOL") at `addr`.
+/// Object index -> size of a global heap collection ("GCOL") at `addr` (`None`: no
+/// object of that index).
 fn read_heap_collection(
     f: &mut std::fs::File,
     addr: u64,
     flen: u64,
-) -> Result<std::collections::HashMap<u16, u64>, String> {
+) -> Result<Vec<Option<u64>>, String> {
     use std::io::{Read, Seek, SeekFrom};
     if addr.checked_add(16).is_none_or(|e| e > flen) {
         return Err(format!("heap address {addr} beyond the end of the file"));
@@ -1341,7 +1349,7 @@ fn read_heap_collection(
     }
     let mut body = vec![0u8; (size - 16) as usize];
     f.read_exact(&mut body).map_err(|e| e.to_string())?;
-    let mut out = std::collections::HashMap::new();
+    let mut out: Vec<Option<u64>> = Vec::new();
     let mut p = 0usize;
     while p + 16 <= body.len() {
         let idx = u16::from_le_bytes(body[p..p + 2].try_into().unwrap());
@@ -1354,7 +1362,11 @@ fn read_heap_collection(
         if end > body.len() as u64 {
             return Err(format!("heap object {idx} overruns its collection"));
         }
-        out.insert(idx, osize);
+        let k = idx as usize;
+        if out.len() <= k {
+            out.resize(k + 1, None);
+        }
+        out[k] = Some(osize);
         p = end as usize;
     }
     Ok(out)

@@ -1166,3 +1166,45 @@ fn open_with_hint_reports_the_matrix_size_once() {
     }
     assert_eq!(*got.borrow(), 0);
 }
+
+/// The checking child reports its verdict before it exits (the parent does not wait for
+/// its teardown): by then it must have closed every descriptor, so that nothing of it
+/// holds the file (or its HDF5 lock) when the caller rewrites the file right away.
+#[test]
+fn checked_file_can_be_rewritten_at_once() {
+    use hdf5_metno as h5;
+    let path = tmp("rewrite-after-check.h5ad");
+    for round in 0..6 {
+        std::fs::copy(fixture("seedlike.h5ad"), &path).unwrap();
+        // a new file version each round (size and time differ): a new child every time
+        if round % 2 == 1 {
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            f.set_len(f.metadata().unwrap().len() + 512 * round)
+                .unwrap();
+        }
+        {
+            let f = H5ad::open(&path).unwrap();
+            assert!(f.exists("X"));
+        }
+        // truncating create takes the file's exclusive lock
+        let f = h5::File::create(&path)
+            .unwrap_or_else(|e| panic!("round {round}: cannot rewrite a checked file: {e}"));
+        f.new_dataset_builder()
+            .with_data(&[round as i32])
+            .create("v")
+            .unwrap();
+        drop(f);
+        assert_eq!(
+            open_written(&path)
+                .dataset("v")
+                .unwrap()
+                .read_raw::<i32>()
+                .unwrap(),
+            vec![round as i32]
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}
