@@ -57,6 +57,23 @@ pub fn retained_bytes() -> usize {
         .unwrap_or(0)
 }
 
+/// A new private anonymous read-write mapping of `len` bytes, or `None` when the system
+/// refuses it.
+fn fresh(len: usize) -> Option<*mut c_void> {
+    // SAFETY: a fresh mapping chosen by the kernel; failure is checked.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    (ptr != libc::MAP_FAILED).then_some(ptr)
+}
+
 /// A private anonymous read-write mapping of at least `bytes` bytes: a kept one of a fitting size, else a new one. Returns the pointer and the
 /// mapping's real length (what [`unmap`] takes), or `None` when the system refuses it.
 pub fn map(bytes: usize) -> Option<(*mut c_void, usize)> {
@@ -82,20 +99,7 @@ pub fn map(bytes: usize) -> Option<(*mut c_void, usize)> {
             }
         }
     }
-    // SAFETY: a fresh mapping chosen by the kernel; failure is checked.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return None;
-    }
+    let ptr = fresh(len)?;
     #[cfg(target_os = "linux")]
     if huge_pages() {
         // SAFETY: the whole new mapping; a paging hint that leaves the contents alone.
@@ -133,20 +137,9 @@ pub fn prefault(bytes: usize) -> bool {
         {
             return false;
         }
-        // SAFETY: a fresh mapping chosen by the kernel; failure is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
+        let Some(ptr) = fresh(len) else {
             return false;
-        }
+        };
         let addr = ptr as usize;
         kept.push(Kept {
             addr,
