@@ -24,7 +24,7 @@ fn csv(name: &str) -> (Vec<String>, Vec<Vec<String>>) {
 }
 
 /// genes x cells column-major counts and the query batch codes (b0 b1 q_a q_b)
-fn query() -> (usize, usize, Vec<f64>, Vec<u32>) {
+pub(super) fn query() -> (usize, usize, Vec<f64>, Vec<u32>) {
     let (h, rows) = csv("counts.csv");
     let g = h.len() - 1;
     let n = rows.len();
@@ -692,7 +692,7 @@ fn covs_model() -> (ScviModelFile, SurgeryModel) {
 }
 
 /// (cond codes x y z w, score) of the query
-fn covs_query() -> (Vec<u32>, Vec<f64>) {
+pub(super) fn covs_query() -> (Vec<u32>, Vec<f64>) {
     let (h, rows) = csv("obs.csv");
     assert_eq!(h, ["cell", "batch", "cond", "score"]);
     let cond = rows

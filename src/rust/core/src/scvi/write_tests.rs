@@ -2,6 +2,7 @@
 //! the torch archive layout, and the scArches query model against scvi-tools' own query model
 //! (`surgery/init/model.pt`, saved right after `load_query_data`).
 
+use super::train_tests::{covs_query, query};
 use super::*;
 use crate::matrix::{DenseView, ExprMatrix};
 use crate::pickle::Value;
@@ -118,28 +119,6 @@ fn written_archives_survive_corruption_checks() {
     m.state_dict[0].1.shape = vec![7, 7];
     let e = scvi_model_bytes(&m).unwrap_err();
     assert!(e.to_string().contains("px_r"), "{e}");
-}
-
-/// counts (genes x cells, column-major) of the fixture and the surgery query's batch codes
-/// in the order b0 b1 q_a q_b: cells 0-99 b1, 100-199 q_b, 200-299 q_a
-fn query() -> (usize, usize, Vec<f64>, Vec<u32>) {
-    let text = std::fs::read_to_string(dir().join("counts.csv")).unwrap();
-    let mut lines = text.lines();
-    let g = lines.next().unwrap().split(',').count() - 1;
-    let mut x = Vec::new();
-    let mut n = 0;
-    for l in lines.filter(|l| !l.is_empty()) {
-        x.extend(l.split(',').skip(1).map(|v| v.parse::<f64>().unwrap()));
-        n += 1;
-    }
-    let batch = (0..n)
-        .map(|j| match j {
-            0..=99 => 1,
-            100..=199 => 3,
-            _ => 2,
-        })
-        .collect();
-    (g, n, x, batch)
 }
 
 fn query_model() -> (ScviModelFile, SurgeryModel, ScviModelFile) {
@@ -394,27 +373,6 @@ fn batch_norm_query_model_keeps_the_trained_affine_and_the_running_stats() {
 }
 
 // ------------------------------------------------------- a query model with extra covariates
-
-/// (cond codes in the query model's order x y z w, score) of the surgery_covs query: cond
-/// 'z' of cells 200-299 relabelled 'w' (the new level)
-fn covs_query() -> (Vec<u32>, Vec<f64>) {
-    let text = std::fs::read_to_string(dir().join("obs.csv")).unwrap();
-    let mut lines = text.lines();
-    assert_eq!(lines.next().unwrap(), "cell,batch,cond,score");
-    let (mut cond, mut score) = (Vec::new(), Vec::new());
-    for (j, l) in lines.filter(|l| !l.is_empty()).enumerate() {
-        let f: Vec<&str> = l.split(',').collect();
-        cond.push(match (f[2], j >= 200) {
-            ("x", _) => 0,
-            ("y", _) => 1,
-            ("z", false) => 2,
-            ("z", true) => 3,
-            (o, _) => panic!("cond {o}"),
-        });
-        score.push(f[3].parse::<f64>().unwrap());
-    }
-    (cond, score)
-}
 
 fn covs_info() -> QueryInfo {
     QueryInfo {
