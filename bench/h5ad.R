@@ -62,25 +62,41 @@ t_peer_first <- as.numeric(sub(".*first_seconds=([0-9.]+).*", "\\1", grep("first
 cat(sprintf("RATIO h5ad read: anndata %.3f s / scannot %.3f s = %.2fx (best of 3 each)\n", t_peer, t_scannot, t_peer / t_scannot))
 cat(sprintf("RATIO h5ad first read in the process: anndata %.3f s / scannot %.3f s = %.2fx\n",
             t_peer_first, t_first, t_peer_first / t_first))
-# first reads in fresh processes, the two tools alternating (SCANNOT_BENCH_H5AD_FRESH rounds,
-# default 5): both pay the kernel's supply of fresh memory, whose cost on a VM swings with
-# what the kernel has at hand (numpy asks for transparent huge pages: fast when 2 MB pages
-# are free and already backed by the host, up to seconds when not; scannot maps 4 KB pages
-# unless SCANNOT_MAP_HUGE=1), so medians over alternating rounds are compared
-n_fresh <- as.integer(Sys.getenv("SCANNOT_BENCH_H5AD_FRESH", "5"))
+# first reads in fresh processes (SCANNOT_BENCH_H5AD_FRESH rounds, default 6): both pay the
+# kernel's supply of fresh memory, whose cost on a VM swings with what the kernel has at
+# hand (transparent huge pages are fast when their 2 MB blocks are still backed by the
+# host, 25x slower per page when not; numpy asks for them, scannot asks too but goes on
+# with 4 KB pages at the first slow one), so medians over rounds are compared
+n_fresh <- as.integer(Sys.getenv("SCANNOT_BENCH_H5AD_FRESH", "6"))
 if (n_fresh > 0) {
   rscript <- file.path(R.home("bin"), "Rscript")
   code <- sprintf(paste0("suppressPackageStartupMessages(library(scannot)); ",
                          "cat(system.time(read_h5ad('%s', as = 'list'))[['elapsed']])"), f)
-  fresh <- t(vapply(seq_len(n_fresh), function(r) {
-    s <- as.numeric(system2(rscript, c("-e", shQuote(code)), stdout = TRUE))
+  one_scannot <- function() as.numeric(system2(rscript, c("-e", shQuote(code)), stdout = TRUE))
+  one_anndata <- function() {
     o <- system2(py, c("bench/peers/h5ad_anndata.py", "read", f), stdout = TRUE)
-    a <- as.numeric(sub(".*first_seconds=([0-9.]+).*", "\\1", grep("first_seconds=", o, value = TRUE)))
+    as.numeric(sub(".*first_seconds=([0-9.]+).*", "\\1", grep("first_seconds=", o, value = TRUE)))
+  }
+  # which tool goes first alternates between rounds: a process's first read draws on the
+  # free memory the previous process left (huge pages still backed by the host are the
+  # fast ones, and there are only so many), so a fixed order would favour one side
+  fresh <- t(vapply(seq_len(n_fresh), function(r) {
+    if (r %% 2 == 1) {
+      s <- one_scannot(); a <- one_anndata()
+    } else {
+      a <- one_anndata(); s <- one_scannot()
+    }
     c(scannot = s, anndata = a)
   }, c(scannot = 0, anndata = 0)))
-  cat(sprintf("fresh-process first reads (%d rounds, alternating): scannot %s s; anndata %s s\n",
+  cat(sprintf("fresh-process first reads (%d rounds, the first tool alternating): scannot %s s; anndata %s s\n",
               n_fresh, paste(sprintf("%.3f", fresh[, "scannot"]), collapse = " "),
               paste(sprintf("%.3f", fresh[, "anndata"]), collapse = " ")))
+  first <- rep(c("scannot", "anndata"), length.out = n_fresh)
+  for (w in unique(first)) {
+    m <- apply(fresh[first == w, , drop = FALSE], 2, stats::median)
+    cat(sprintf("  rounds where %s went first: medians scannot %.3f s, anndata %.3f s\n",
+                w, m[["scannot"]], m[["anndata"]]))
+  }
   med <- apply(fresh, 2, stats::median)
   cat(sprintf("RATIO h5ad first read, fresh processes (median of %d): anndata %.3f s / scannot %.3f s = %.2fx\n",
               n_fresh, med[["anndata"]], med[["scannot"]], med[["anndata"]] / med[["scannot"]]))

@@ -800,11 +800,15 @@ fn direct_sparse_read_checks_indices_across_ranges() {
     assert!(matches!(e, Err(ScError::Format(m)) if m.contains("duplicate")));
 }
 
+/// The kept-mapping list is shared by the whole test process: tests of it take turns.
+static MEM_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Released mappings are kept and handed out again for a request of a fitting size
 /// (not for a much smaller one), and `release_kept` returns them to the system.
 #[test]
 fn kept_mappings_are_reused() {
     use super::mem;
+    let _g = MEM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let (p, len) = mem::map(3 << 20).expect("a mapping");
     assert_eq!(len, 4 << 20, "whole 2 MiB pages");
     // SAFETY: p is a fresh read-write mapping of len bytes.
@@ -839,6 +843,52 @@ fn kept_mappings_are_reused() {
             let s = std::slice::from_raw_parts(p.cast::<u8>(), len);
             assert!(s.iter().all(|&b| b == 0));
             std::ptr::write_bytes(p.cast::<u8>(), 9, len);
+            mem::unmap(p, len);
+        }
+        mem::release_kept();
+    }
+}
+
+/// Pages of `len` bytes at `p` that are resident (mincore), or `None` when unknown.
+#[cfg(target_os = "linux")]
+fn resident_pages(p: *mut std::ffi::c_void, len: usize) -> Option<usize> {
+    let page = 4096usize;
+    let mut v = vec![0u8; len.div_ceil(page)];
+    // SAFETY: p..p+len is one mapping of ours; v has a byte per page.
+    let rc = unsafe { libc::mincore(p, len, v.as_mut_ptr()) };
+    (rc == 0).then(|| v.iter().filter(|&&b| b & 1 == 1).count())
+}
+
+/// The background populate of [`mem::prefault`] faults in every page of the mapping,
+/// whether it goes on with huge pages or switches to small ones (the path taken after a
+/// slow huge page), and the pages read as zeros.
+#[cfg(target_os = "linux")]
+#[test]
+fn prefault_populates_the_whole_mapping_with_either_page_size() {
+    use super::mem;
+    let _g = MEM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for small in [false, true] {
+        if small {
+            mem::note_slow_huge();
+        }
+        let bytes = (40 << 20) + 12_345;
+        if !mem::prefault(bytes) {
+            continue; // reuse turned off in this environment
+        }
+        let (p, len) = mem::map(bytes).expect("the prefaulted mapping");
+        let t = std::time::Instant::now();
+        let mut res = resident_pages(p, len);
+        while res.is_some_and(|r| r < len / 4096) && t.elapsed().as_secs() < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            res = resident_pages(p, len);
+        }
+        if let Some(r) = res {
+            assert_eq!(r, len / 4096, "every page populated (small pages: {small})");
+        }
+        // SAFETY: p is a read-write mapping of len bytes, ours now
+        unsafe {
+            let s = std::slice::from_raw_parts(p.cast::<u8>(), len);
+            assert!(s.iter().all(|&b| b == 0));
             mem::unmap(p, len);
         }
         mem::release_kept();
