@@ -178,13 +178,15 @@ markers_compute <- function(e, group_by, groups, reference, tie_correct, flavor,
                       padj = r$padj, pct_in = r$pts, pct_out = r$pts_rest,
                       stringsAsFactors = FALSE)
   } else {
-    out <- data.frame(group = grp, gene = gene, score = r$score, logfc = r$logfc,
-                      pval = r$pval, padj = r$padj, pct_in = r$pts, pct_out = r$pts_rest,
-                      auc = r$auc, u = r$u, mean_in = r$mean_in, mean_out = r$mean_out,
-                      stringsAsFactors = FALSE)
-    # per group by decreasing score; ties in gene order (scanpy's tie order is arbitrary)
-    out <- out[order(as.integer(out$group), -out$score, r$gene), , drop = FALSE]
-    rownames(out) <- NULL
+    # per group by decreasing score; ties in gene order (scanpy's tie order is arbitrary);
+    # the columns are reordered as plain vectors (`[.data.frame` and data.frame()'s row
+    # name checks cost more than the order itself)
+    o <- order(as.integer(grp), -r$score, r$gene)
+    cols <- list(group = grp, gene = gene, score = r$score, logfc = r$logfc,
+                 pval = r$pval, padj = r$padj, pct_in = r$pts, pct_out = r$pts_rest,
+                 auc = r$auc, u = r$u, mean_in = r$mean_in, mean_out = r$mean_out)
+    out <- structure(lapply(cols, function(v) v[o]), class = "data.frame",
+                     row.names = c(NA_integer_, -length(o)))
   }
   structure(out, class = c("scannot_markers", "data.frame"), flavor = flavor,
             reference = reference,
