@@ -124,8 +124,12 @@ h5ad_elem <- function(path, elem, call = rlang::caller_env()) {
 #' default; other chunk indexes are looked up through libhdf5). Before a file is first read
 #' in a session, a short-lived child process checks its metadata, so that a corrupt or
 #' truncated file is an error rather than a crash of R. Environment variables:
-#' `SCANNOT_MAP_RETAIN=0` returns released mappings at once; `SCANNOT_MAP_HUGE=1` asks
-#' for transparent huge pages (faster on machines where their first touch is cheap).
+#' `SCANNOT_MAP_RETAIN=0` returns released mappings at once. The background zero fill
+#' asks for transparent huge pages and times them: on virtual machines that hand free
+#' memory back to their host a huge page can be 25 times slower to touch than 512 small
+#' ones, so at the first slow one it goes on with small pages; `SCANNOT_MAP_HUGE=0` never
+#' asks for them, `SCANNOT_MAP_HUGE=1` asks for them behind every large mapping without
+#' timing them.
 #'
 #' @param path Path to the `.h5ad` file.
 #' @param as `"SingleCellExperiment"` (assays `X` + layers, `colData` = obs,
