@@ -182,6 +182,34 @@ test_that("write_h5ad -> read_h5ad round-trips a SingleCellExperiment and a Seur
   expect_equal(a$obs$cell_type, so$cell_type, ignore_attr = TRUE)
 })
 
+test_that("the SingleCellExperiment and Seurat objects hold the file's matrices; obs/var may be absent", {
+  a <- read_h5ad(fx("seedlike.h5ad"), as = "list")
+  sce <- read_h5ad(fx("seedlike.h5ad"))
+  # built without assays, which went in last: same matrices, names and validity
+  expect_true(methods::validObject(sce))
+  expect_identical(SummarizedExperiment::assay(sce, "X", withDimnames = FALSE), a$X)
+  expect_identical(SummarizedExperiment::assay(sce, "counts", withDimnames = FALSE), a$layers$counts)
+  expect_identical(dimnames(sce), dimnames(a$X))
+  raw <- SingleCellExperiment::altExp(sce, "raw")
+  expect_identical(SummarizedExperiment::assay(raw, "X", withDimnames = FALSE), a$raw$X)
+  expect_identical(colnames(raw), colnames(sce))
+  # no obs / var in the list: names and sizes come from X
+  b <- a; b$obs <- NULL; b$var <- NULL; b$raw <- NULL; b$obsm <- list(); b$obsp <- list()
+  s2 <- scannot:::h5ad_to_sce(b, "X")
+  expect_identical(dim(s2), dim(a$X))
+  expect_identical(dimnames(s2), dimnames(a$X))
+  expect_equal(ncol(SummarizedExperiment::colData(s2)), 0L)
+  # Seurat: data is X (no counts layer: counts too), or counts + data when both exist
+  so <- read_h5ad(fx("seedlike.h5ad"), as = "Seurat")
+  expect_identical(unname(as.matrix(SeuratObject::GetAssayData(so, slot = "data"))), unname(as.matrix(a$X)))
+  expect_identical(unname(as.matrix(SeuratObject::GetAssayData(so, slot = "counts"))),
+                   unname(as.matrix(a$layers$counts)))
+  c2 <- a; c2$layers <- list()
+  so2 <- scannot:::h5ad_to_seurat(c2)
+  expect_identical(SeuratObject::GetAssayData(so2, slot = "data"), SeuratObject::GetAssayData(so2, slot = "counts"))
+  expect_equal(unname(as.matrix(SeuratObject::GetAssayData(so2, slot = "data"))), unname(as.matrix(a$X)))
+})
+
 test_that("strings are never written as NaN; NA strings become missing categorical codes", {
   m <- Matrix::rsparsematrix(4, 3, 0.5)
   dimnames(m) <- list(paste0("g", 1:4), paste0("c", 1:3))
