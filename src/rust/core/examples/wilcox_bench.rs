@@ -136,18 +136,7 @@ fn digest(r: &scannot_core::wilcoxon::WilcoxonResult) -> u64 {
         .chain(&r.gene)
         .for_each(|&v| eat(v as u64));
     r.n_in.iter().chain(&r.n_out).for_each(|&v| eat(v));
-    for v in [
-        &r.score,
-        &r.logfc,
-        &r.pval,
-        &r.padj,
-        &r.pts,
-        &r.pts_rest,
-        &r.auc,
-        &r.u,
-        &r.mean_in,
-        &r.mean_out,
-    ] {
+    for v in r.stat_columns() {
         v.iter().for_each(|x| eat(x.to_bits()));
     }
     h

@@ -171,6 +171,24 @@ pub struct WilcoxonResult {
     pub mean_out: Vec<f64>,
 }
 
+impl WilcoxonResult {
+    /// The per-row statistics columns, in declaration order (score .. mean_out).
+    pub fn stat_columns(&self) -> [&[f64]; 10] {
+        [
+            &self.score,
+            &self.logfc,
+            &self.pval,
+            &self.padj,
+            &self.pts,
+            &self.pts_rest,
+            &self.auc,
+            &self.u,
+            &self.mean_in,
+            &self.mean_out,
+        ]
+    }
+}
+
 /// Cells per group code (`groups[j] < 0` = NA, not counted). Lets the caller check group
 /// sizes against its own labels before calling [`wilcoxon`].
 pub fn group_sizes(groups: &[i32], n_groups: usize) -> ScResult<Vec<u64>> {
@@ -2878,21 +2896,10 @@ mod tests {
     /// Every field of two results, bit for bit (NaN included).
     fn same_bits(a: &WilcoxonResult, b: &WilcoxonResult) -> bool {
         let f = |r: &WilcoxonResult| -> Vec<u64> {
-            [
-                &r.score,
-                &r.logfc,
-                &r.pval,
-                &r.padj,
-                &r.pts,
-                &r.pts_rest,
-                &r.auc,
-                &r.u,
-                &r.mean_in,
-                &r.mean_out,
-            ]
-            .iter()
-            .flat_map(|v| v.iter().map(|x| x.to_bits()))
-            .collect()
+            r.stat_columns()
+                .iter()
+                .flat_map(|v| v.iter().map(|x| x.to_bits()))
+                .collect()
         };
         (a.n_genes, &a.tested, &a.n_in, &a.n_out, &a.group, &a.gene)
             == (b.n_genes, &b.tested, &b.n_in, &b.n_out, &b.group, &b.gene)

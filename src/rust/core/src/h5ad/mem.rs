@@ -97,11 +97,13 @@ pub(crate) fn note_slow_huge() {
 /// Whether [`prefault`] tries huge pages now: not with `SCANNOT_MAP_HUGE=0`, and not
 /// within [`DECAY`] of a slow huge-page step (its threads then go on with small pages).
 fn try_huge() -> bool {
-    if std::env::var("SCANNOT_MAP_HUGE").is_ok_and(|v| v == "0") {
-        return false;
-    }
+    !std::env::var("SCANNOT_MAP_HUGE").is_ok_and(|v| v == "0") && !recently_slow()
+}
+
+/// Whether a huge-page step was slow within [`DECAY`] (in this or another thread).
+fn recently_slow() -> bool {
     let at = HUGE_SLOW_AT.load(Ordering::Relaxed);
-    at == 0 || since_epoch_ms().saturating_sub(at) > DECAY.as_millis() as u64
+    at != 0 && since_epoch_ms().saturating_sub(at) <= DECAY.as_millis() as u64
 }
 
 /// Most bytes kept for reuse: an eighth of the machine's memory, at most 4 GiB.
@@ -239,7 +241,8 @@ pub fn prefault(bytes: usize) -> bool {
                     if r != 0 {
                         break;
                     }
-                    if huge && (thread_cpu().saturating_sub(t) > SLOW_HUGE_STEP || !try_huge()) {
+                    if huge && (thread_cpu().saturating_sub(t) > SLOW_HUGE_STEP || recently_slow())
+                    {
                         huge = false;
                         HUGE_SLOW_AT.fetch_max(since_epoch_ms(), Ordering::Relaxed);
                         if start > 0 {

@@ -710,6 +710,21 @@ pub(super) fn covs_query() -> (Vec<u32>, Vec<f64>) {
     (cond, score)
 }
 
+/// The latent of `vae.rs`'s encoder of model `m` on the covariate query (batch, `cond` as
+/// its categorical codes, score).
+pub(super) fn covs_encoder_latent(m: &ScviModelFile, cond: &[u32]) -> LatentOutput {
+    let (g, n, x, batch) = query();
+    let (_, score) = covs_query();
+    let enc = ScviEncoder::from_model(m).unwrap();
+    let cov = Covariates {
+        batch: Some(&batch),
+        categorical: vec![cond],
+        continuous: vec![&score],
+    };
+    enc.latent(&ExprMatrix::Dense(DenseView::new(g, n, &x).unwrap()), &cov)
+        .unwrap()
+}
+
 fn covs_prepared(s: &SurgeryModel) -> QueryData {
     let (g, n, x, batch) = query();
     let (cond, score) = covs_query();
@@ -743,17 +758,8 @@ fn covs_latent_matches_the_encoder() {
     let (m, s) = covs_model();
     let data = covs_prepared(&s);
     let ours = s.latent(&data, 2).unwrap();
-    let (g, n, x, batch) = query();
-    let (cond, score) = covs_query();
-    let enc = ScviEncoder::from_model(&m).unwrap();
-    let cov = Covariates {
-        batch: Some(&batch),
-        categorical: vec![&cond],
-        continuous: vec![&score],
-    };
-    let r = enc
-        .latent(&ExprMatrix::Dense(DenseView::new(g, n, &x).unwrap()), &cov)
-        .unwrap();
+    let (cond, _) = covs_query();
+    let r = covs_encoder_latent(&m, &cond);
     for (a, b) in ours.mean.iter().zip(&r.mean) {
         assert!((a - b).abs() < 2e-5, "{a} vs {b}");
     }

@@ -2,7 +2,7 @@
 //! the torch archive layout, and the scArches query model against scvi-tools' own query model
 //! (`surgery/init/model.pt`, saved right after `load_query_data`).
 
-use super::train_tests::{covs_query, query};
+use super::train_tests::{covs_encoder_latent, covs_query, query};
 use super::*;
 use crate::matrix::{DenseView, ExprMatrix};
 use crate::pickle::Value;
@@ -146,6 +146,14 @@ fn query_model() -> (ScviModelFile, SurgeryModel, ScviModelFile) {
     (reference, s, q)
 }
 
+/// Key and shape of every tensor of a model, in order.
+fn state_shapes(m: &ScviModelFile) -> Vec<(String, Vec<usize>)> {
+    m.state_dict
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shape.clone()))
+        .collect()
+}
+
 #[test]
 fn query_model_has_the_layout_of_scvi_tools_query_model() {
     let (reference, _, q) = query_model();
@@ -153,13 +161,7 @@ fn query_model_has_the_layout_of_scvi_tools_query_model() {
     assert_same_model(&q, &back);
     // same keys, order and shapes as the model scvi-tools' load_query_data saved
     let scvi_q = model("surgery/init");
-    let shapes = |m: &ScviModelFile| -> Vec<(String, Vec<usize>)> {
-        m.state_dict
-            .iter()
-            .map(|(k, t)| (k.clone(), t.shape.clone()))
-            .collect()
-    };
-    assert_eq!(shapes(&back), shapes(&scvi_q));
+    assert_eq!(state_shapes(&back), state_shapes(&scvi_q));
     assert_eq!(back.extra_state, scvi_q.extra_state);
     assert_eq!(back.batch_mapping, ["b0", "b1", "q_a", "q_b"]);
     assert_eq!(back.n_batch, 4);
@@ -338,13 +340,7 @@ fn batch_norm_query_model_keeps_the_trained_affine_and_the_running_stats() {
     };
     let q = query_model_file(&reference, &s, &info).unwrap();
     let back = parse_scvi_model(&scvi_model_bytes(&q).unwrap()).unwrap();
-    let shapes = |m: &ScviModelFile| -> Vec<(String, Vec<usize>)> {
-        m.state_dict
-            .iter()
-            .map(|(k, t)| (k.clone(), t.shape.clone()))
-            .collect()
-    };
-    assert_eq!(shapes(&back), shapes(&model("surgery_bn/init")));
+    assert_eq!(state_shapes(&back), state_shapes(&model("surgery_bn/init")));
     let bn = s.batch_norm_affine();
     assert_eq!(bn.len(), 1);
     let (base, gamma, beta) = &bn[0];
@@ -424,13 +420,7 @@ fn covariate_query_model_has_the_layout_of_scvi_tools_query_model() {
     let back = parse_scvi_model(&scvi_model_bytes(&q).unwrap()).unwrap();
     assert_same_model(&q, &back);
     let scvi_q = model("surgery_covs/init");
-    let shapes = |m: &ScviModelFile| -> Vec<(String, Vec<usize>)> {
-        m.state_dict
-            .iter()
-            .map(|(k, t)| (k.clone(), t.shape.clone()))
-            .collect()
-    };
-    assert_eq!(shapes(&back), shapes(&scvi_q));
+    assert_eq!(state_shapes(&back), state_shapes(&scvi_q));
     assert_eq!(
         back.tensor("l_encoder.encoder.fc_layers.Layer 0.0.weight")
             .unwrap()
@@ -520,17 +510,8 @@ fn saved_covariate_query_model_gives_the_trained_latent() {
     let loaded = read_scvi_model(&tmp).unwrap();
     std::fs::remove_dir_all(&tmp).unwrap();
     assert_eq!(loaded.extra_categorical[0].1, ["x", "y", "z", "w"]);
-    let enc = ScviEncoder::from_model(&loaded).unwrap();
-    let (g, n, x, batch) = query();
-    let (cond, score) = covs_query();
-    let cov = Covariates {
-        batch: Some(&batch),
-        categorical: vec![&cond],
-        continuous: vec![&score],
-    };
-    let r = enc
-        .latent(&ExprMatrix::Dense(DenseView::new(g, n, &x).unwrap()), &cov)
-        .unwrap();
+    let (cond, _) = covs_query();
+    let r = covs_encoder_latent(&loaded, &cond);
     assert_eq!(r.mean.len(), ours.mean.len());
     let mut max = 0.0f64;
     for (a, b) in ours.mean.iter().zip(&r.mean) {
@@ -539,18 +520,8 @@ fn saved_covariate_query_model_gives_the_trained_latent() {
     assert!(max < 2e-5, "max |latent difference| {max}");
     // the new level's columns matter: reading cells of 'w' as 'z' moves their latent
     let as_z: Vec<u32> = cond.iter().map(|&c| c.min(2)).collect();
-    let cov_z = Covariates {
-        batch: Some(&batch),
-        categorical: vec![&as_z],
-        continuous: vec![&score],
-    };
-    let rz = enc
-        .latent(
-            &ExprMatrix::Dense(DenseView::new(g, n, &x).unwrap()),
-            &cov_z,
-        )
-        .unwrap();
-    let moved = (0..n)
+    let rz = covs_encoder_latent(&loaded, &as_z);
+    let moved = (0..cond.len())
         .filter(|&j| cond[j] == 3)
         .any(|j| (rz.mean[j] - r.mean[j]).abs() > 1e-4);
     assert!(moved);
