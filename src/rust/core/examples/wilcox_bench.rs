@@ -9,7 +9,10 @@
 //! * `WILCOX_BENCH_CASES=0,3`: run only these cases (0 scanpy rest, 1 tie_correct,
 //!   2 vs group 0, 3 presto);
 //! * `WILCOX_BENCH_THREADS=2,1`: thread counts; `WILCOX_BENCH_REPS=3`: best of how many;
-//! * `WILCOX_BENCH_NO_REF=1`: skip the reference workload.
+//! * `WILCOX_BENCH_NO_REF=1`: skip the reference workload;
+//! * `WILCOX_BENCH_FLOOR=1`: also time the memory floor, one sequential pass over the
+//!   stored values and row indices (summed) on each thread count, best of the reps: no
+//!   method that reads every non-zero runs faster than this.
 
 use scannot_core::matrix::{CscView, ExprMatrix};
 use scannot_core::normalize::log_normalize_csc;
@@ -142,6 +145,20 @@ fn digest(r: &scannot_core::wilcoxon::WilcoxonResult) -> u64 {
     h
 }
 
+fn em_x<'a>(m: &'a ExprMatrix) -> &'a [f64] {
+    match m {
+        ExprMatrix::Csc(c) => c.x(),
+        ExprMatrix::Dense(_) => &[],
+    }
+}
+
+fn em_i<'a>(m: &'a ExprMatrix) -> &'a [i32] {
+    match m {
+        ExprMatrix::Csc(c) => c.i(),
+        ExprMatrix::Dense(_) => &[],
+    }
+}
+
 /// Reset the peak RSS (Linux >= 4.0), so VmHWM afterwards is the peak of what follows.
 fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
@@ -207,6 +224,10 @@ fn main() {
     let which = env_list("WILCOX_BENCH_CASES", &[0, 1, 2, 3]);
     let reps = env_list("WILCOX_BENCH_REPS", &[3])[0].max(1);
     for threads in env_list("WILCOX_BENCH_THREADS", &[2, 1]) {
+        if std::env::var_os("WILCOX_BENCH_FLOOR").is_some() {
+            let f = read_floor(em_x(&em), em_i(&em), threads, reps);
+            println!("{threads} thread(s)  read floor (one pass over x and i) {f:>7.3} s");
+        }
         for (ci, &(name, flavor, reference, tie_correct)) in cases.iter().enumerate() {
             if !which.contains(&ci) {
                 continue;
@@ -245,4 +266,29 @@ fn main() {
         }
     }
     println!("input dgCMatrix {input_mb:.0} MB");
+}
+
+/// One sequential pass over `x` and `i` (sums), cut into 8 pieces run in parallel: the
+/// time any method needs just to read every stored value once.
+fn read_floor(x: &[f64], i: &[i32], threads: usize, reps: usize) -> f64 {
+    use rayon::prelude::*;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let s: f64 = with_threads(threads, || {
+            (0..8usize)
+                .into_par_iter()
+                .map(|k| {
+                    let (a, b) = (k * x.len() / 8, (k + 1) * x.len() / 8);
+                    let sx: f64 = x[a..b].iter().sum();
+                    let si: i64 = i[a..b].iter().map(|&r| r as i64).sum();
+                    sx + si as f64
+                })
+                .sum()
+        })
+        .expect("threads");
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
 }
