@@ -612,7 +612,7 @@ dotplot_block <- function(m, rows, codes, n_groups, cutoff, mean_only_expressed,
                           n_threads) {
   a <- matrix_args(m)
   rs_call(rs_dotplot(a$p, a$i, a$x, a$nrow, a$ncol, a$dense, rows - 1L, codes, n_groups,
-                     cutoff, mean_only_expressed, "none", log, n_threads))
+                     cutoff, mean_only_expressed, "none", log, n_threads, FALSE))
 }
 
 dotplot_piece <- function(idx, m, row, codes, n_groups, cutoff, mean_only_expressed, log,
@@ -649,7 +649,7 @@ dotplot_run <- function(m, row, codes, n_groups, cutoff, mean_only_expressed, st
     a <- matrix_args(m)
     return(rs_call(rs_dotplot(a$p, a$i, a$x, a$nrow, a$ncol, a$dense, row - 1L, codes,
                               n_groups, cutoff, mean_only_expressed, standard_scale, log,
-                              n_threads), call = call))
+                              n_threads, FALSE), call = call))
   }
   if (is_block_matrix(m)) {
     # only the marker genes are needed: read them once, block by block over the cells

@@ -11,7 +11,7 @@ rs_data_address <- function(x) .Call(wrap__rs_data_address, x)
 
 #' Dotplot aggregation (spec section 1). `genes` 0-based rows, `groups` 0-based codes (NA < 0).
 #' @noRd
-rs_dotplot <- function(p, i, x, nrow, ncol, dense, genes, groups, n_groups, expression_cutoff, mean_only_expressed, standard_scale, log, n_threads) .Call(wrap__rs_dotplot, p, i, x, nrow, ncol, dense, genes, groups, n_groups, expression_cutoff, mean_only_expressed, standard_scale, log, n_threads)
+rs_dotplot <- function(p, i, x, nrow, ncol, dense, genes, groups, n_groups, expression_cutoff, mean_only_expressed, standard_scale, log, n_threads, expm1) .Call(wrap__rs_dotplot, p, i, x, nrow, ncol, dense, genes, groups, n_groups, expression_cutoff, mean_only_expressed, standard_scale, log, n_threads, expm1)
 
 #' log1p(x / total * target_sum) per cell; returns the new `x` (sparse) or values (dense).
 #' @noRd

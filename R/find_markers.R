@@ -307,3 +307,252 @@ plot_marker_dotplot <- function(object, markers, n = 5, group_by = attr(markers,
   sets <- sets[lengths(sets) > 0L]
   plot_dotplot(dotplot_data(object, sets, group_by, ...))
 }
+
+#' Seurat's FindAllMarkers(), Wilcoxon test, from one sweep
+#'
+#' The table of Seurat's `FindAllMarkers(test.use = "wilcox")` (Seurat 4.3
+#' semantics, with its defaults), computed by the Rust core in one pass over the
+#' non-zeros instead of one R test per gene and cluster: each group against all other
+#' cells, genes kept by Seurat's filters, `p_val` from the rank-sum test with
+#' continuity and tie correction (the normal approximation of limma's
+#' `rankSumTestWithCorrelation()` / `wilcox.test()`), `avg_log2FC`, `pct.1`, `pct.2`
+#' (fractions of cells with `x > 0`, rounded to 3 digits) and `p_val_adj`
+#' (Bonferroni over all genes of the matrix), rows ordered by `p_val` then decreasing
+#' fold change within each cluster, clusters in level order, and only rows with
+#' `p_val < return_thresh`. Labels are made groups as Seurat's `Idents<-` does: a
+#' factor keeps its levels (cells labelled `NA` are only in the other groups' rest);
+#' other labels are ordered by first appearance, and `NA` becomes a group `"NA"`.
+#'
+#' Fold change (`mean_fxn`): Seurat takes `log2(mean(expm1(x)) + 1)` per group when
+#' the assay was normalised by `NormalizeData(normalization.method = "LogNormalize")`
+#' (recorded in the object's command log), else `log2(mean(x) + 1)`. `"auto"` does the
+#' same for a Seurat object and uses `"mean"` for other inputs (what Seurat does for an
+#' object without that record, e.g. one converted from a SingleCellExperiment).
+#'
+#' Differences from Seurat: `wilcox.test()`'s exact p-values (groups under 50 cells on
+#' both sides and no ties) are not reproduced (the normal approximation is used, as
+#' with limma); a gene whose compared values are all tied gets `p_val = 1` (limma's
+#' answer; `wilcox.test()` gives `NaN`); groups with fewer than `min_cells_group` cells
+#' are skipped with a warning, as Seurat does.
+#'
+#' @inheritParams find_markers
+#' @param group_by Cell groups (a metadata column or one label per cell). For a Seurat
+#'   object the default `NULL` uses `Idents(object)`.
+#' @param logfc_threshold,min_pct,min_diff_pct,only_pos,return_thresh,min_cells_group
+#'   Seurat's `logfc.threshold`, `min.pct`, `min.diff.pct`, `only.pos`,
+#'   `return.thresh`, `min.cells.group` (at least 2 here).
+#' @param mean_fxn `"auto"`, `"expm1"` (log-normalised data) or `"mean"` (see above).
+#' @param pseudocount,base Seurat's `pseudocount.use` and `base` of the fold change.
+#' @return A data frame like Seurat's: `p_val`, `avg_log2FC` (named `avg_log<base>FC`
+#'   for another base), `pct.1`, `pct.2`, `p_val_adj`, `cluster` (factor), `gene`; row
+#'   names `make.unique(gene)`.
+#' @export
+#' @examples
+#' sim <- simulate_counts(n_cells = 400, n_genes = 200, as = "list")
+#' x <- normalize_counts(sim$counts)
+#' head(find_all_markers(x, sim$cells$cell_type, mean_fxn = "expm1"))
+find_all_markers <- function(object, group_by = NULL, ...) {
+  UseMethod("find_all_markers")
+}
+
+#' @rdname find_all_markers
+#' @export
+find_all_markers.default <- function(object, group_by = NULL, ..., logfc_threshold = 0.25,
+                                     min_pct = 0.1, min_diff_pct = -Inf, only_pos = FALSE,
+                                     return_thresh = 0.01, min_cells_group = 3,
+                                     mean_fxn = c("auto", "expm1", "mean"), pseudocount = 1,
+                                     base = 2, n_threads = NULL) {
+  call <- rlang::current_env()
+  rlang::check_dots_empty(call = call)
+  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
+  if (mean_fxn == "auto") mean_fxn <- "mean"
+  seurat_markers(get_expression(object), group_by, NULL, logfc_threshold, min_pct,
+                 min_diff_pct, only_pos, return_thresh, min_cells_group, mean_fxn,
+                 pseudocount, base, n_threads, call)
+}
+
+#' @rdname find_all_markers
+#' @export
+find_all_markers.Seurat <- function(object, group_by = NULL, ..., assay = NULL,
+                                    layer = "data", logfc_threshold = 0.25, min_pct = 0.1,
+                                    min_diff_pct = -Inf, only_pos = FALSE,
+                                    return_thresh = 0.01, min_cells_group = 3,
+                                    mean_fxn = c("auto", "expm1", "mean"), pseudocount = 1,
+                                    base = 2, n_threads = NULL) {
+  call <- rlang::current_env()
+  rlang::check_dots_empty(call = call)
+  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
+  assay <- assay %||% SeuratObject::DefaultAssay(object)
+  if (mean_fxn == "auto") {
+    # Seurat: the LogNormalize record of NormalizeData on this assay
+    cmd <- paste0("NormalizeData.", assay)
+    norm <- if (cmd %in% SeuratObject::Command(object)) {
+      SeuratObject::Command(object, command = cmd, value = "normalization.method")
+    }
+    mean_fxn <- if (identical(layer, "data") && identical(norm, "LogNormalize")) "expm1" else "mean"
+  }
+  idents <- NULL
+  if (is.null(group_by)) {
+    idents <- SeuratObject::Idents(object)
+    group_by <- idents
+  }
+  seurat_markers(get_expression(object, assay = assay, layer = layer), group_by, idents,
+                 logfc_threshold, min_pct, min_diff_pct, only_pos, return_thresh,
+                 min_cells_group, mean_fxn, pseudocount, base, n_threads, call)
+}
+
+#' @rdname find_all_markers
+#' @export
+find_all_markers.SummarizedExperiment <- function(object, group_by = NULL, ...,
+                                                  assay = "logcounts", logfc_threshold = 0.25,
+                                                  min_pct = 0.1, min_diff_pct = -Inf,
+                                                  only_pos = FALSE, return_thresh = 0.01,
+                                                  min_cells_group = 3,
+                                                  mean_fxn = c("auto", "expm1", "mean"),
+                                                  pseudocount = 1, base = 2, n_threads = NULL) {
+  call <- rlang::current_env()
+  rlang::check_dots_empty(call = call)
+  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
+  if (mean_fxn == "auto") mean_fxn <- "mean"
+  seurat_markers(get_expression(object, assay = assay), group_by, NULL, logfc_threshold,
+                 min_pct, min_diff_pct, only_pos, return_thresh, min_cells_group, mean_fxn,
+                 pseudocount, base, n_threads, call)
+}
+
+seurat_markers <- function(e, group_by, idents, logfc_threshold, min_pct, min_diff_pct,
+                           only_pos, return_thresh, min_cells_group, mean_fxn, pseudocount,
+                           base, n_threads, call) {
+  logfc_threshold <- check_number(logfc_threshold)
+  min_pct <- check_number(min_pct)
+  min_diff_pct <- check_number(min_diff_pct)
+  only_pos <- check_flag(only_pos)
+  return_thresh <- check_number(return_thresh)
+  min_cells_group <- check_number(min_cells_group)
+  pseudocount <- check_number(pseudocount)
+  base <- check_number(base)
+  if (is.null(group_by)) {
+    abort_scannot("Give `group_by`: a metadata column or one group label per cell.",
+                  "group_by", call = call)
+  }
+  if (min_cells_group < 2) {
+    abort_scannot("`min_cells_group` must be at least 2 (a rank-sum test needs 2 cells a side).",
+                  "input", call = call)
+  }
+  if (!(base > 0 && base != 1 && is.finite(base))) {
+    abort_scannot("`base` must be a positive number other than 1.", "input", call = call)
+  }
+  n_threads <- scannot_threads(n_threads)
+  m <- e$matrix
+  genes <- rownames(m) %||% paste0("Feature", seq_len(nrow(m)))
+  g <- cell_groups(e$cells, seurat_idents(e$cells, group_by, ncol(m)), ncol(m),
+                   na_rm = TRUE, call = call)
+  lv <- levels(g)
+  n_cells <- ncol(m)
+  n1 <- tabulate(as.integer(g), length(lv))
+  n2 <- n_cells - n1
+  ok <- n1 >= min_cells_group & n2 >= min_cells_group
+  if (any(!ok)) {
+    warning(sprintf("Not tested (fewer than %d cells in the group or in the rest): %s.",
+                    min_cells_group, paste(lv[!ok], collapse = ", ")), call. = FALSE)
+  }
+  fc_name <- if (isTRUE(all.equal(base, exp(1)))) "avg_logFC" else paste0("avg_log", base, "FC")
+  cluster_levels <- if (is.factor(idents)) levels(idents) else lv
+  empty <- structure(list(numeric(), numeric(), numeric(), numeric(), numeric(),
+                          factor(character(), levels = cluster_levels), character()),
+                     names = c("p_val", fc_name, "pct.1", "pct.2", "p_val_adj", "cluster", "gene"),
+                     class = "data.frame", row.names = integer())
+  if (!any(ok)) {
+    warning("No DE genes identified", call. = FALSE)
+    return(empty)
+  }
+  codes <- as.integer(g) - 1L
+  codes[is.na(codes)] <- -1L
+  tested <- which(ok) - 1L
+  # rank sums, U and the tie-corrected z of every gene and tested group (cells with an NA
+  # label stay in the rest, as in Seurat's "all other cells")
+  r <- wilcoxon_run(m, codes, length(lv), tested, -1L, TRUE, "scanpy", NaN, n_threads,
+                    NULL, call)
+  # per group and gene: mean of expm1(x) (or x) and cells with x > 0, over every label
+  # (NA cells as one more group), so the rest is the total less the group
+  na_code <- length(lv)
+  dcodes <- codes
+  dcodes[dcodes < 0L] <- na_code
+  a <- matrix_args(m)
+  d <- rs_call(rs_dotplot(a$p, a$i, a$x, a$nrow, a$ncol, a$dense, seq_len(nrow(m)) - 1L,
+                          dcodes, na_code + 1L, 0, FALSE, "none", FALSE, n_threads,
+                          mean_fxn == "expm1"), call = call)
+  ng <- na_code + 1L
+  cnt <- d$n_cells
+  mean <- matrix(d$mean, nrow = ng)       # groups x genes
+  frac <- matrix(d$fraction, nrow = ng)
+  mean[is.nan(mean)] <- 0
+  frac[is.nan(frac)] <- 0
+  sums <- mean * cnt                      # per group sums
+  pos <- round(frac * cnt)                # cells with x > 0
+  tot_sum <- colSums(sums)
+  tot_pos <- colSums(pos)
+  n_genes <- nrow(m)
+  out <- vector("list", length(tested))
+  for (k in seq_along(tested)) {
+    gi <- tested[k] + 1L
+    rows <- which(r$group == tested[k])
+    gene <- r$gene[rows] + 1L
+    o <- order(gene)
+    rows <- rows[o]
+    nn1 <- n1[gi]
+    nn2 <- n_cells - nn1
+    pct1 <- round(pos[gi, ] / nn1, 3)
+    pct2 <- round((tot_pos - pos[gi, ]) / nn2, 3)
+    m1 <- sums[gi, ] / nn1
+    m2 <- (tot_sum - sums[gi, ]) / nn2
+    fc <- log(m1 + pseudocount, base = base) - log(m2 + pseudocount, base = base)
+    alpha_min <- pmax(pct1, pct2)
+    keep <- alpha_min >= min_pct & (alpha_min - pmin(pct1, pct2)) >= min_diff_pct &
+      (if (only_pos) fc >= logfc_threshold else abs(fc) >= logfc_threshold)
+    keep[is.na(keep)] <- FALSE
+    if (only_pos) keep <- keep & fc > 0
+    idx <- which(keep)
+    if (!length(idx)) next
+    # Seurat's p: two-sided normal approximation with continuity and tie correction;
+    # sigma comes back from the tie-corrected z and U of the core (z = d / sigma)
+    dd <- r$u[rows[idx]] - nn1 * nn2 / 2
+    z <- r$score[rows[idx]]
+    p <- rep(1, length(idx))
+    nz <- dd != 0 & z != 0
+    sig <- abs(dd[nz] / z[nz])
+    p[nz] <- pmin(1, 2 * stats::pnorm(-(abs(dd[nz]) - 0.5) / sig))
+    # Seurat's order: p value, then decreasing fold change, ties in gene order
+    ord <- order(p, -fc[idx])
+    ord <- ord[p[ord] < return_thresh]
+    if (!length(ord)) next
+    sel <- idx[ord]
+    tab <- list(p[ord], fc[sel], pct1[sel], pct2[sel], pmin(1, p[ord] * n_genes),
+                factor(rep(lv[gi], length(sel)), levels = cluster_levels), genes[sel])
+    out[[k]] <- structure(tab, names = names(empty), class = "data.frame",
+                          row.names = c(NA_integer_, -length(sel)))
+  }
+  out <- out[!vapply(out, is.null, logical(1))]
+  if (!length(out)) {
+    warning("No DE genes identified", call. = FALSE)
+    return(empty)
+  }
+  res <- do.call(rbind, out)
+  # Seurat returns the only.pos table before giving it make.unique(gene) row names, so
+  # it keeps rbind()'s own (make.unique without a separator)
+  rownames(res) <- make.unique(res$gene, sep = if (only_pos) "" else ".")
+  res
+}
+
+# Labels as Seurat's `Idents<-` makes them: a factor keeps its levels (NA stays NA), other
+# values become a factor with levels in order of appearance, NA becoming the group "NA".
+seurat_idents <- function(cells, group_by, n_cells) {
+  v <- group_by
+  if (is.character(group_by) && length(group_by) == 1L && n_cells != 1L) {
+    if (is.null(cells) || !group_by %in% names(cells)) return(group_by)
+    v <- cells[[group_by]]
+  }
+  if (is.null(v) || is.factor(v) || !is.atomic(v) || length(v) != n_cells) return(v)
+  v <- as.character(v)
+  v[is.na(v)] <- "NA"
+  factor(v, levels = unique(v))
+}

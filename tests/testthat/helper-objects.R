@@ -20,3 +20,18 @@ naive_dotplot <- function(m, genes, groups, cutoff = 0, only = FALSE, scale = "n
   if (scale == "group") col <- t(apply(mean, 1, sc))
   list(mean = as.vector(mean), fraction = as.vector(frac), color = as.vector(col))
 }
+
+# The Wilcoxon fixtures written by tools/fixtures/wilcoxon_fixtures.py (genes x cells
+# matrix, labels as a factor in the fixture's level order, run metadata).
+wx_dir <- test_path("fixtures", "wilcoxon")
+
+read_wx <- function(ds) {
+  f <- function(x) file.path(wx_dir, paste0(ds, x))
+  m <- methods::as(Matrix::readMM(f("_matrix.mtx.gz")), "CsparseMatrix")
+  obs <- utils::read.csv(f("_obs.csv"), colClasses = "character", check.names = FALSE,
+                         na.strings = c("NA", ""))
+  meta <- jsonlite::fromJSON(f("_meta.json"))
+  dimnames(m) <- list(readLines(f("_genes.txt")), obs$cell)
+  g <- factor(obs[[meta$groupby]], levels = readLines(f("_levels.txt")))
+  list(m = m, g = g, meta = meta, f = f)
+}

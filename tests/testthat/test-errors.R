@@ -37,11 +37,11 @@ test_that("a malformed dgCMatrix is rejected by the core, not crashed on", {
   a <- list(p = c(0L, 2L, 1L), i = c(0L, 1L), x = c(1, 2))
   expect_error(scannot:::rs_call(scannot:::rs_dotplot(a$p, a$i, a$x, 2L, 2L, FALSE, 0L,
                                                        c(0L, 0L), 1L, 0, FALSE, "none",
-                                                       FALSE, 1L)),
+                                                       FALSE, 1L, FALSE)),
                class = "scannot_error_dims")
   expect_error(scannot:::rs_call(scannot:::rs_dotplot(integer(), integer(), c(1, 2, 3), 2L, 2L,
                                                        TRUE, 0L, c(0L, 0L), 1L, 0, FALSE,
-                                                       "none", FALSE, 1L)),
+                                                       "none", FALSE, 1L, FALSE)),
                class = "scannot_error_dims")
 })
 

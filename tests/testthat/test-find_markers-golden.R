@@ -1,16 +1,3 @@
-wx_dir <- test_path("fixtures", "wilcoxon")
-
-read_wx <- function(ds) {
-  f <- function(x) file.path(wx_dir, paste0(ds, x))
-  m <- methods::as(Matrix::readMM(f("_matrix.mtx.gz")), "CsparseMatrix")
-  obs <- utils::read.csv(f("_obs.csv"), colClasses = "character", check.names = FALSE,
-                         na.strings = c("NA", ""))
-  meta <- jsonlite::fromJSON(f("_meta.json"))
-  dimnames(m) <- list(readLines(f("_genes.txt")), obs$cell)
-  g <- factor(obs[[meta$groupby]], levels = readLines(f("_levels.txt")))
-  list(m = m, g = g, meta = meta, f = f)
-}
-
 rel_err <- function(a, b) max(abs(a - b) / pmax(abs(b), 1e-300))
 
 check_scanpy <- function(ds) {

@@ -64,6 +64,7 @@ fn rs_dotplot(
     standard_scale: &str,
     log: bool,
     n_threads: i32,
+    expm1: bool,
 ) -> Result<List> {
     guard(|| {
         let m = expr_matrix(p, i, x, nrow, ncol, dense)?;
@@ -78,6 +79,7 @@ fn rs_dotplot(
             mean_only_expressed,
             standard_scale: standard_scale.parse()?,
             log,
+            expm1,
         };
         let ng = usize::try_from(n_groups).unwrap_or(0);
         let r = threads(n_threads, || dotplot(&m, &genes, groups, ng, &opt))??;

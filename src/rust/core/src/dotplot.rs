@@ -42,6 +42,23 @@ pub struct DotplotOptions {
     pub standard_scale: StandardScale,
     /// apply log1p to the values first (scanpy's `log=True`)
     pub log: bool,
+    /// apply expm1 to the values first (Seurat's fold change of log-normalised data:
+    /// means of `expm1(x)`; the fraction then counts `expm1(x) > cutoff`)
+    pub expm1: bool,
+}
+
+impl DotplotOptions {
+    /// The value transform: log1p, expm1 or none.
+    #[inline(always)]
+    fn tf(&self, v: f64) -> f64 {
+        if self.log {
+            v.ln_1p()
+        } else if self.expm1 {
+            v.exp_m1()
+        } else {
+            v
+        }
+    }
 }
 
 impl Default for DotplotOptions {
@@ -51,6 +68,7 @@ impl Default for DotplotOptions {
             mean_only_expressed: false,
             standard_scale: StandardScale::None,
             log: false,
+            expm1: false,
         }
     }
 }
@@ -152,6 +170,11 @@ pub fn dotplot(
             "gene index {r} is outside the matrix's {nrow} rows"
         )));
     }
+    if opt.log && opt.expm1 {
+        return Err(ScError::Input(
+            "choose one transform of the values: log1p or expm1, not both".into(),
+        ));
+    }
     if opt.expression_cutoff.is_nan() {
         return Err(ScError::Input("expression_cutoff must not be NaN".into()));
     }
@@ -182,7 +205,7 @@ pub fn dotplot(
         _ => false,
     };
     let cutoff = opt.expression_cutoff;
-    let tf = |v: f64| if opt.log { v.ln_1p() } else { v };
+    let tf = |v: f64| opt.tf(v);
 
     let acc = (0..ncol)
         .into_par_iter()
@@ -342,7 +365,7 @@ mod tests {
                     .enumerate()
                     .filter(|(_, &gg)| gg == g as i32)
                     .map(|(j, _)| d[j * nrow + r])
-                    .map(|v| if opt.log { v.ln_1p() } else { v })
+                    .map(|v| opt.tf(v))
                     .collect();
                 if vals.is_empty() {
                     continue;
@@ -474,12 +497,13 @@ mod tests {
             cutoff in -1.0f64..2.0,
             only in any::<bool>(),
             log in any::<bool>(),
+            expm1 in any::<bool>(),
         ) {
             let (nrow, ncol) = (5, 8);
             // negatives only without log (log1p of values <= -1 is NaN, an error)
             let d: Vec<f64> = vals.iter().map(|&v| if (0..2).contains(&v) { 0.0 } else if log { v.abs() as f64 * 0.7 } else { v as f64 * 0.7 }).collect();
             let genes = [4usize, 0, 2, 0];
-            let opt = DotplotOptions { expression_cutoff: cutoff, mean_only_expressed: only, standard_scale: StandardScale::None, log };
+            let opt = DotplotOptions { expression_cutoff: cutoff, mean_only_expressed: only, standard_scale: StandardScale::None, log, expm1: expm1 && !log };
             let s = CscOwned::from_dense(nrow, ncol, &d);
             let a = dotplot(&ExprMatrix::Csc(s.view()), &genes, &groups, 3, &opt).unwrap();
             let b = dotplot(&ExprMatrix::Dense(DenseView::new(nrow, ncol, &d).unwrap()), &genes, &groups, 3, &opt).unwrap();

@@ -1,0 +1,91 @@
+seurat_dir <- test_path("fixtures", "seurat")
+
+read_seurat_gold <- function(name) {
+  utils::read.csv(file.path(seurat_dir, paste0(name, ".csv.gz")),
+                  colClasses = c(row = "character", cluster = "character", gene = "character"),
+                  check.names = FALSE)
+}
+
+# Our table against Seurat's: same rows in the same order, same names, numbers to 1e-9.
+expect_same_as_seurat <- function(ours, gold) {
+  expect_identical(names(ours), c("p_val", "avg_log2FC", "pct.1", "pct.2", "p_val_adj",
+                                  "cluster", "gene"))
+  expect_identical(nrow(ours), nrow(gold))
+  expect_identical(rownames(ours), gold$row)
+  expect_identical(ours$gene, gold$gene)
+  expect_identical(as.character(ours$cluster), gold$cluster)
+  expect_true(is.factor(ours$cluster))
+  rel <- function(a, b) if (length(a)) max(abs(a - b) / pmax(abs(b), 1e-300)) else 0
+  expect_lt(rel(ours$p_val, gold$p_val), 1e-9)
+  expect_lt(rel(ours$p_val_adj, gold$p_val_adj), 1e-9)
+  expect_lt(max(abs(ours$avg_log2FC - gold$avg_log2FC), 0), 1e-9)
+  expect_identical(ours$pct.1, gold$pct.1)
+  expect_identical(ours$pct.2, gold$pct.2)
+}
+
+test_that("find_all_markers() equals Seurat's FindAllMarkers() on pbmc_small (LogNormalize data)", {
+  skip_if_not(has_seurat())
+  pbmc <- SeuratObject::pbmc_small
+  expect_same_as_seurat(find_all_markers(pbmc, n_threads = 2),
+                        read_seurat_gold("pbmc_small_default"))
+  expect_same_as_seurat(find_all_markers(pbmc, only_pos = TRUE, logfc_threshold = 0.1,
+                                         min_pct = 0.2, return_thresh = 0.05, n_threads = 1),
+                        read_seurat_gold("pbmc_small_options"))
+  # a metadata column instead of the idents; every gene over min.pct, p up to 1
+  gold <- read_seurat_gold("pbmc_small_groups")
+  expect_gt(max(gold$p_val), 0.9)
+  expect_same_as_seurat(find_all_markers(pbmc, "groups", logfc_threshold = 0,
+                                         return_thresh = 1, n_threads = 2), gold)
+  # the same numbers from the matrix, with Seurat's fold change named explicitly
+  x <- SeuratObject::GetAssayData(pbmc, slot = "data")
+  m <- find_all_markers(x, SeuratObject::Idents(pbmc), mean_fxn = "expm1")
+  expect_same_as_seurat(m, read_seurat_gold("pbmc_small_default"))
+})
+
+test_that("find_all_markers() equals Seurat without a LogNormalize record (mean fold change)", {
+  fx <- read_wx("pbmc68k")
+  gold <- read_seurat_gold("pbmc68k_default")
+  # a dgCMatrix: "auto" is Seurat's answer for data it does not know the normalisation of
+  expect_same_as_seurat(find_all_markers(fx$m, fx$g, n_threads = 2), gold)
+  skip_if_not(has_seurat())
+  obj <- SeuratObject::CreateSeuratObject(counts = fx$m)
+  obj <- SeuratObject::SetAssayData(obj, slot = "data", new.data = fx$m)
+  SeuratObject::Idents(obj) <- fx$g
+  expect_same_as_seurat(find_all_markers(obj), gold)
+  skip_if_not(has_sce())
+  sce <- SingleCellExperiment::SingleCellExperiment(list(logcounts = fx$m),
+                                                    colData = data.frame(label = fx$g))
+  expect_same_as_seurat(find_all_markers(sce, "label"), gold)
+})
+
+test_that("find_all_markers() skips small groups as Seurat does, and checks its input", {
+  sim <- sim_small(n_cells = 300, n_genes = 120)
+  x <- normalize_counts(sim$counts, n_threads = 1)
+  g <- as.character(sim$cells$cell_type)
+  g[1:2] <- "tiny"
+  expect_warning(m <- find_all_markers(x, g, mean_fxn = "expm1", n_threads = 1),
+                 "fewer than 3 cells.*tiny")
+  expect_false("tiny" %in% m$cluster)
+  expect_true("tiny" %in% levels(m$cluster))
+  # the tiny group's cells stay in every other group's rest (relabelled, the tests change)
+  first <- as.character(sim$cells$cell_type[3])
+  other <- setdiff(unique(g), c("tiny", first))[1]
+  ref <- find_all_markers(x, ifelse(g == "tiny", first, g), mean_fxn = "expm1",
+                          n_threads = 1)
+  expect_identical(m$gene[m$cluster == other], ref$gene[ref$cluster == other])
+  expect_false(identical(m$gene[m$cluster == first], ref$gene[ref$cluster == first]) &&
+                 identical(m$p_val[m$cluster == first], ref$p_val[ref$cluster == first]))
+  # no gene passes: Seurat's empty result and warning, columns kept
+  e <- suppressWarnings(find_all_markers(x, g, min_pct = 2, n_threads = 1))
+  expect_warning(find_all_markers(x[, g != "tiny"], g[g != "tiny"], min_pct = 2, n_threads = 1),
+                 "No DE genes")
+  expect_identical(nrow(e), 0L)
+  expect_identical(names(e), names(m))
+  expect_error(find_all_markers(x), class = "scannot_error_group_by")
+  expect_error(find_all_markers(x, g, min_cells_group = 1), class = "scannot_error_input")
+  expect_error(find_all_markers(x, g, base = 1), class = "scannot_error_input")
+  expect_error(find_all_markers(x, g, mean_fxn = "median"))
+  expect_error(find_all_markers(x, g, bogus = 1))
+  # another base renames the fold-change column
+  expect_true("avg_log10FC" %in% names(suppressWarnings(find_all_markers(x, g, base = 10))))
+})
