@@ -211,10 +211,19 @@ markers_std <- function(markers, call = rlang::caller_env()) {
   if (!is.data.frame(markers)) {
     abort_scannot("`markers` must be the data frame returned by find_markers().", "markers", call = call)
   }
+  fc_col <- grep("^avg_log[0-9.]*FC$", names(markers), value = TRUE)
   if (all(c("feature", "avgExpr", "pct_in") %in% names(markers))) {
     data.frame(group = markers$group, gene = markers$feature, score = markers$auc,
                logfc = markers$logFC / log(2), pct_in = markers$pct_in / 100,
                pct_out = markers$pct_out / 100, stringsAsFactors = FALSE)
+  } else if (length(fc_col) == 1L &&
+             all(c("p_val", "pct.1", "pct.2", "cluster", "gene") %in% names(markers))) {
+    # Seurat's FindAllMarkers() table (or find_all_markers()'s): ranked by fold change,
+    # as Seurat's vignettes pick top markers; log2 units for the fold-change filter
+    b <- sub("^avg_log([0-9.]*)FC$", "\\1", fc_col)
+    fc <- markers[[fc_col]] * if (b == "") 1 / log(2) else log2(as.numeric(b))
+    data.frame(group = markers$cluster, gene = markers$gene, score = fc, logfc = fc,
+               pct_in = markers$pct.1, pct_out = markers$pct.2, stringsAsFactors = FALSE)
   } else if (all(c("group", "gene", "score", "logfc", "pct_in", "pct_out") %in% names(markers))) {
     markers
   } else {
@@ -232,7 +241,9 @@ markers_std <- function(markers, call = rlang::caller_env()) {
 #' are removed (no `NaN` names are left behind). The fold change is the table's
 #' own (for a reference-mode table, the one versus the reference; scanpy would
 #' recompute one versus the rest). presto tables are read with fractions = pct / 100
-#' and log2 fold change = logFC / log(2).
+#' and log2 fold change = logFC / log(2); Seurat tables ([find_all_markers()] or
+#' Seurat's `FindAllMarkers()`) with fractions `pct.1` / `pct.2` and the log2 fold
+#' change from `avg_log2FC`.
 #'
 #' @param markers The data frame from [find_markers()].
 #' @param min_in_group_fraction,max_out_group_fraction Fractions (0..1).
@@ -261,10 +272,12 @@ filter_markers <- function(markers, min_in_group_fraction = 0.25, max_out_group_
 
 #' Top marker genes per group
 #'
-#' @param markers The data frame from [find_markers()] (possibly filtered).
+#' @param markers The data frame from [find_markers()] (possibly filtered), or a
+#'   Seurat table from [find_all_markers()] / Seurat's `FindAllMarkers()`.
 #' @param n Number of genes per group.
 #' @return The top `n` rows per group (scanpy flavour: by decreasing score;
-#'   presto flavour: by decreasing AUC), groups in their order.
+#'   presto flavour: by decreasing AUC; Seurat tables: by decreasing fold change, as
+#'   Seurat's vignettes choose them), groups in their order.
 #' @export
 top_markers <- function(markers, n = 5) {
   call <- rlang::current_env()
@@ -286,16 +299,19 @@ top_markers <- function(markers, n = 5) {
 #' dotplot over the same groups, gene blocks labelled by group.
 #'
 #' @param object The object the markers were computed on.
-#' @param markers The data frame from [find_markers()].
+#' @param markers The data frame from [find_markers()], or a Seurat table from
+#'   [find_all_markers()] / Seurat's `FindAllMarkers()`.
 #' @param n Genes per group.
 #' @param group_by Groups for the dotplot (default: the `group_by` of
-#'   `find_markers()` when it was a column name).
+#'   `find_markers()` / `find_all_markers()` when it was a column name; for a Seurat
+#'   object otherwise its `Idents()`).
 #' @param ... Passed to [dotplot_data()] (e.g. `standard_scale`, `assay`, `layer`).
 #' @return A ggplot object.
 #' @export
 plot_marker_dotplot <- function(object, markers, n = 5, group_by = attr(markers, "group_by"),
                                 ...) {
   call <- rlang::current_env()
+  if (is.null(group_by) && is_seurat(object)) group_by <- SeuratObject::Idents(object)
   if (is.null(group_by)) {
     abort_scannot("Give `group_by` (the markers were computed from a vector of labels).",
                   "group_by", call = call)
@@ -537,6 +553,7 @@ seurat_markers <- function(e, group_by, idents, logfc_threshold, min_pct, min_di
     return(empty)
   }
   res <- do.call(rbind, out)
+  if (is.character(group_by) && length(group_by) == 1L) attr(res, "group_by") <- group_by
   # Seurat returns the only.pos table before giving it make.unique(gene) row names, so
   # it keeps rbind()'s own (make.unique without a separator)
   rownames(res) <- make.unique(res$gene, sep = if (only_pos) "" else ".")

@@ -89,3 +89,31 @@ test_that("find_all_markers() skips small groups as Seurat does, and checks its 
   # another base renames the fold-change column
   expect_true("avg_log10FC" %in% names(suppressWarnings(find_all_markers(x, g, base = 10))))
 })
+
+test_that("Seurat tables work with filter_markers(), top_markers() and plot_marker_dotplot()", {
+  skip_if_not(has_seurat())
+  pbmc <- SeuratObject::pbmc_small
+  fam <- find_all_markers(pbmc, only_pos = TRUE)
+  top <- top_markers(fam, n = 2)
+  # per cluster, the two largest fold changes, clusters in level order
+  expect_identical(as.character(top$cluster), rep(levels(fam$cluster), each = 2))
+  for (k in levels(fam$cluster)) {
+    fc <- fam$avg_log2FC[fam$cluster == k]
+    expect_identical(top$avg_log2FC[top$cluster == k], sort(fc, decreasing = TRUE)[1:2])
+  }
+  f <- filter_markers(fam, min_in_group_fraction = 0.5, max_out_group_fraction = 0.2,
+                      min_fold_change = 2)
+  expect_true(all(f$pct.1 > 0.5 & f$pct.2 < 0.2 & f$avg_log2FC > 2))
+  expect_identical(nrow(f), sum(fam$pct.1 > 0.5 & fam$pct.2 < 0.2 & fam$avg_log2FC > 2))
+  # the dotplot groups default to the idents (or the column the table was made from)
+  p <- plot_marker_dotplot(pbmc, fam, n = 2)
+  expect_s3_class(p, "ggplot")
+  expect_setequal(as.character(unique(p$data$group)), levels(SeuratObject::Idents(pbmc)))
+  fg <- find_all_markers(pbmc, "groups", logfc_threshold = 0, return_thresh = 1)
+  expect_identical(attr(fg, "group_by"), "groups")
+  expect_setequal(as.character(unique(plot_marker_dotplot(pbmc, fg, n = 2)$data$group)),
+                  c("g1", "g2"))
+  # another base: the fold change is read in log2 units
+  f10 <- find_all_markers(pbmc, only_pos = TRUE, base = 10)
+  expect_equal(scannot:::markers_std(f10)$logfc, f10$avg_log10FC * log2(10))
+})
