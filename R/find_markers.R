@@ -336,8 +336,8 @@ plot_marker_dotplot <- function(object, markers, n = 5, group_by = attr(markers,
 #' (Bonferroni over all genes of the matrix), rows ordered by `p_val` then decreasing
 #' fold change within each cluster, clusters in level order, and only rows with
 #' `p_val < return_thresh`. Labels are made groups as Seurat's `Idents<-` does: a
-#' factor keeps its levels (cells labelled `NA` are only in the other groups' rest);
-#' other labels are ordered by first appearance, and `NA` becomes a group `"NA"`.
+#' factor keeps its levels, other labels are ordered by first appearance, and cells
+#' labelled `NA` belong to no group (they are only in the other groups' rest).
 #'
 #' Fold change (`mean_fxn`): Seurat takes `log2(mean(expm1(x)) + 1)` per group when
 #' the assay was normalised by `NormalizeData(normalization.method = "LogNormalize")`
@@ -560,8 +560,9 @@ seurat_markers <- function(e, group_by, idents, logfc_threshold, min_pct, min_di
   res
 }
 
-# Labels as Seurat's `Idents<-` makes them: a factor keeps its levels (NA stays NA), other
-# values become a factor with levels in order of appearance, NA becoming the group "NA".
+# Labels as Seurat's `Idents<-` makes them: a factor keeps its levels, other values become
+# a factor with levels in order of appearance; NA stays NA (`Idents<-` turns NA into "NA"
+# but leaves "NA" out of the levels), so those cells are only in the others' rest.
 seurat_idents <- function(cells, group_by, n_cells) {
   v <- group_by
   if (is.character(group_by) && length(group_by) == 1L && n_cells != 1L) {
@@ -570,6 +571,5 @@ seurat_idents <- function(cells, group_by, n_cells) {
   }
   if (is.null(v) || is.factor(v) || !is.atomic(v) || length(v) != n_cells) return(v)
   v <- as.character(v)
-  v[is.na(v)] <- "NA"
-  factor(v, levels = unique(v))
+  factor(v, levels = unique(v[!is.na(v)]))
 }

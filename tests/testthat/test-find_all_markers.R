@@ -117,3 +117,23 @@ test_that("Seurat tables work with filter_markers(), top_markers() and plot_mark
   f10 <- find_all_markers(pbmc, only_pos = TRUE, base = 10)
   expect_equal(scannot:::markers_std(f10)$logfc, f10$avg_log10FC * log2(10))
 })
+
+test_that("find_all_markers() orders and drops labels as Seurat's Idents<- does", {
+  sim <- sim_small(n_cells = 300, n_genes = 100)
+  x <- normalize_counts(sim$counts, n_threads = 1)
+  g <- as.character(sim$cells$cell_type)
+  g[1:10] <- NA
+  m <- find_all_markers(x, g, mean_fxn = "expm1", n_threads = 1)
+  # levels in order of first appearance, no NA group
+  expect_identical(levels(m$cluster), unique(g[!is.na(g)]))
+  # the NA cells are in every group's rest: the same tables as with the NA cells in a
+  # group of their own, less that group's rows
+  g2 <- g
+  g2[is.na(g2)] <- "zz"
+  m2 <- find_all_markers(x, g2, mean_fxn = "expm1", n_threads = 1)
+  m2 <- m2[m2$cluster != "zz", ]
+  expect_equal(m$p_val, m2$p_val, tolerance = 1e-12)
+  expect_identical(m$gene, m2$gene)
+  # dense input: the same table
+  expect_equal(find_all_markers(as.matrix(x), g, mean_fxn = "expm1", n_threads = 1), m)
+})
