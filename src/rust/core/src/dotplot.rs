@@ -86,12 +86,18 @@ pub struct DotplotResult {
     pub color: Vec<f64>,
 }
 
+/// The sums of one (group, gene) pair, together so that a value touches one cache line.
+#[derive(Clone, Copy, Default)]
+struct Cell {
+    sum: f64,
+    sum_expr: f64,
+    n_expr: u64,
+    n_stored: u64,
+}
+
 #[derive(Clone)]
 struct Acc {
-    sum: Vec<f64>,
-    sum_expr: Vec<f64>,
-    n_expr: Vec<u64>,
-    n_stored: Vec<u64>,
+    cells: Vec<Cell>,
     n_cells: Vec<u64>,
     bad: Option<f64>,
     /// recent (value bits, expm1(value)) pairs: log-normalised data repeats a few values
@@ -106,10 +112,7 @@ impl Acc {
     fn new(n_groups: usize, n_slots: usize) -> Self {
         let n = n_groups * n_slots;
         Self {
-            sum: vec![0.0; n],
-            sum_expr: vec![0.0; n],
-            n_expr: vec![0; n],
-            n_stored: vec![0; n],
+            cells: vec![Cell::default(); n],
             n_cells: vec![0; n_groups],
             bad: None,
             memo: Vec::new(),
@@ -138,25 +141,20 @@ impl Acc {
         if v.is_nan() {
             self.bad = Some(v);
         }
-        self.sum[idx] += v;
-        self.n_stored[idx] += 1;
+        let c = &mut self.cells[idx];
+        c.sum += v;
+        c.n_stored += 1;
         if v > cutoff {
-            self.n_expr[idx] += 1;
-            self.sum_expr[idx] += v;
+            c.n_expr += 1;
+            c.sum_expr += v;
         }
     }
     fn merge(mut self, o: Acc) -> Acc {
-        for (a, b) in self.sum.iter_mut().zip(&o.sum) {
-            *a += b;
-        }
-        for (a, b) in self.sum_expr.iter_mut().zip(&o.sum_expr) {
-            *a += b;
-        }
-        for (a, b) in self.n_expr.iter_mut().zip(&o.n_expr) {
-            *a += b;
-        }
-        for (a, b) in self.n_stored.iter_mut().zip(&o.n_stored) {
-            *a += b;
+        for (a, b) in self.cells.iter_mut().zip(&o.cells) {
+            a.sum += b.sum;
+            a.sum_expr += b.sum_expr;
+            a.n_expr += b.n_expr;
+            a.n_stored += b.n_stored;
         }
         for (a, b) in self.n_cells.iter_mut().zip(&o.n_cells) {
             *a += b;
@@ -230,60 +228,73 @@ pub fn dotplot(
         _ => false,
     };
     let cutoff = opt.expression_cutoff;
-    let acc = (0..ncol)
-        .into_par_iter()
-        .with_min_len(256)
-        .fold(
-            || Acc::new(n_groups, ns),
-            |mut acc, j| {
-                let g = groups[j];
-                if g < 0 {
-                    return acc;
-                }
-                let g = g as usize;
-                acc.n_cells[g] += 1;
-                let base = g * ns;
-                match m {
-                    ExprMatrix::Csc(c) if search => {
-                        let (is, xs) = c.col(j);
-                        let mut lo = 0;
-                        for &(r, s) in &sel_sorted {
-                            lo += is[lo..].partition_point(|&q| q < r);
-                            if lo == is.len() {
-                                break;
-                            }
-                            if is[lo] == r {
-                                let t = acc.tf(opt, xs[lo]);
-                                acc.add(base + s, t, cutoff);
-                            }
-                        }
+    // one accumulator per range of cells, a few ranges per thread: with every gene
+    // selected an accumulator is groups x genes x 32 bytes, so rayon's fold (one per
+    // stolen split) would make and merge many
+    let step = |mut acc: Acc, j: usize| -> Acc {
+        let g = groups[j];
+        if g < 0 {
+            return acc;
+        }
+        let g = g as usize;
+        acc.n_cells[g] += 1;
+        let base = g * ns;
+        match m {
+            ExprMatrix::Csc(c) if search => {
+                let (is, xs) = c.col(j);
+                let mut lo = 0;
+                for &(r, s) in &sel_sorted {
+                    lo += is[lo..].partition_point(|&q| q < r);
+                    if lo == is.len() {
+                        break;
                     }
-                    ExprMatrix::Csc(c) => {
-                        let (is, xs) = c.col(j);
-                        for (&r, &v) in is.iter().zip(xs) {
-                            let s = slot_of_row[r as usize];
-                            if s != u32::MAX {
-                                let t = acc.tf(opt, v);
-                                acc.add(base + s as usize, t, cutoff);
-                            }
-                        }
-                    }
-                    ExprMatrix::Dense(d) => {
-                        let col = d.col(j);
-                        for (s, &r) in rows.iter().enumerate() {
-                            let v = col[r];
-                            // dense zeros are handled like sparse implicit zeros below
-                            if v != 0.0 {
-                                let t = acc.tf(opt, v);
-                                acc.add(base + s, t, cutoff);
-                            }
-                        }
+                    if is[lo] == r {
+                        let t = acc.tf(opt, xs[lo]);
+                        acc.add(base + s, t, cutoff);
                     }
                 }
-                acc
-            },
-        )
-        .reduce(|| Acc::new(n_groups, ns), Acc::merge);
+            }
+            ExprMatrix::Csc(c) => {
+                let (is, xs) = c.col(j);
+                for (&r, &v) in is.iter().zip(xs) {
+                    let s = slot_of_row[r as usize];
+                    if s != u32::MAX {
+                        let t = acc.tf(opt, v);
+                        acc.add(base + s as usize, t, cutoff);
+                    }
+                }
+            }
+            ExprMatrix::Dense(d) => {
+                let col = d.col(j);
+                for (s, &r) in rows.iter().enumerate() {
+                    let v = col[r];
+                    // dense zeros are handled like sparse implicit zeros below
+                    if v != 0.0 {
+                        let t = acc.tf(opt, v);
+                        acc.add(base + s, t, cutoff);
+                    }
+                }
+            }
+        }
+        acc
+    };
+    let acc = if n_groups * ns * std::mem::size_of::<Cell>() <= 1 << 18 {
+        // small accumulators (a few marker genes): rayon's fold balances best
+        (0..ncol)
+            .into_par_iter()
+            .with_min_len(256)
+            .fold(|| Acc::new(n_groups, ns), step)
+            .reduce(|| Acc::new(n_groups, ns), Acc::merge)
+    } else {
+        let n_ranges = (rayon::current_num_threads() * 4).clamp(1, ncol.max(1));
+        (0..n_ranges)
+            .into_par_iter()
+            .map(|k| {
+                let (a, b) = (k * ncol / n_ranges, (k + 1) * ncol / n_ranges);
+                (a..b).fold(Acc::new(n_groups, ns), step)
+            })
+            .reduce(|| Acc::new(n_groups, ns), Acc::merge)
+    };
 
     if let Some(v) = acc.bad {
         return Err(ScError::Value(format!(
@@ -305,18 +316,19 @@ pub fn dotplot(
                 continue;
             }
             let idx = g * ns + s;
-            let zeros = n - acc.n_stored[idx];
-            let n_expr = acc.n_expr[idx] + if zero_expressed { zeros } else { 0 };
+            let c = &acc.cells[idx];
+            let zeros = n - c.n_stored;
+            let n_expr = c.n_expr + if zero_expressed { zeros } else { 0 };
             let out = k * ng + g;
             fraction[out] = n_expr as f64 / n as f64;
             mean[out] = if opt.mean_only_expressed {
                 if n_expr > 0 {
-                    acc.sum_expr[idx] / n_expr as f64
+                    c.sum_expr / n_expr as f64
                 } else {
                     0.0
                 }
             } else {
-                acc.sum[idx] / n as f64
+                c.sum / n as f64
             };
         }
     }
