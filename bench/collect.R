@@ -42,7 +42,7 @@ for (l in lines) {
 tab <- if (length(rows)) do.call(rbind, rows) else
   data.frame(benchmark = character(), task = character(), peer = character(),
              scannot_s = numeric(), peer_s = numeric(), ratio = numeric(), note = character())
-fmt <- function(x, d) ifelse(is.na(x), "", formatC(x, digits = d, format = "fg", flag = "#"))
+fmt <- function(x, d) ifelse(is.na(x), "", sub("\\.$", "", formatC(x, digits = d, format = "fg", flag = "#")))
 md <- c(sprintf("# scannot benchmarks (%s)", format(Sys.time(), "%Y-%m-%d %H:%M %Z")), "",
         sprintf("Machine: %s; threads: %s. Ratio = peer time / scannot time (> 1: scannot faster).",
                 machine, Sys.getenv("SCANNOT_BENCH_THREADS", "2")), "",
