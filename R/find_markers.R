@@ -399,14 +399,7 @@ find_all_markers.Seurat <- function(object, group_by = NULL, ..., assay = NULL,
   rlang::check_dots_empty(call = call)
   mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
   assay <- assay %||% SeuratObject::DefaultAssay(object)
-  if (mean_fxn == "auto") {
-    # Seurat: the LogNormalize record of NormalizeData on this assay
-    cmd <- paste0("NormalizeData.", assay)
-    norm <- if (cmd %in% SeuratObject::Command(object)) {
-      SeuratObject::Command(object, command = cmd, value = "normalization.method")
-    }
-    mean_fxn <- if (identical(layer, "data") && identical(norm, "LogNormalize")) "expm1" else "mean"
-  }
+  if (mean_fxn == "auto") mean_fxn <- seurat_mean_fxn(object, assay, layer)
   idents <- NULL
   if (is.null(group_by)) {
     idents <- SeuratObject::Idents(object)
@@ -435,33 +428,93 @@ find_all_markers.SummarizedExperiment <- function(object, group_by = NULL, ...,
                  pseudocount, base, n_threads, call)
 }
 
-seurat_markers <- function(e, group_by, idents, logfc_threshold, min_pct, min_diff_pct,
-                           only_pos, return_thresh, min_cells_group, mean_fxn, pseudocount,
-                           base, n_threads, call) {
-  logfc_threshold <- check_number(logfc_threshold)
-  min_pct <- check_number(min_pct)
-  min_diff_pct <- check_number(min_diff_pct)
-  only_pos <- check_flag(only_pos)
-  return_thresh <- check_number(return_thresh)
-  min_cells_group <- check_number(min_cells_group)
-  pseudocount <- check_number(pseudocount)
-  base <- check_number(base)
+# Seurat's test options, checked.
+seurat_opts <- function(logfc_threshold, min_pct, min_diff_pct, only_pos, min_cells_group,
+                        pseudocount, base, call) {
+  o <- list(logfc_threshold = check_number(logfc_threshold), min_pct = check_number(min_pct),
+            min_diff_pct = check_number(min_diff_pct), only_pos = check_flag(only_pos),
+            min_cells_group = check_number(min_cells_group),
+            pseudocount = check_number(pseudocount), base = check_number(base))
+  if (o$min_cells_group < 2) {
+    abort_scannot("`min_cells_group` must be at least 2 (a rank-sum test needs 2 cells a side).",
+                  "input", call = call)
+  }
+  if (!(o$base > 0 && o$base != 1 && is.finite(o$base))) {
+    abort_scannot("`base` must be a positive number other than 1.", "input", call = call)
+  }
+  o$fc_name <- if (isTRUE(all.equal(o$base, exp(1)))) "avg_logFC" else paste0("avg_log", o$base, "FC")
+  o
+}
+
+# The matrix, its gene names and the cells' groups made as Seurat's Idents<- makes them.
+seurat_input <- function(e, group_by, call) {
   if (is.null(group_by)) {
     abort_scannot("Give `group_by`: a metadata column or one group label per cell.",
                   "group_by", call = call)
   }
-  if (min_cells_group < 2) {
-    abort_scannot("`min_cells_group` must be at least 2 (a rank-sum test needs 2 cells a side).",
-                  "input", call = call)
-  }
-  if (!(base > 0 && base != 1 && is.finite(base))) {
-    abort_scannot("`base` must be a positive number other than 1.", "input", call = call)
-  }
-  n_threads <- scannot_threads(n_threads)
   m <- e$matrix
-  genes <- rownames(m) %||% paste0("Feature", seq_len(nrow(m)))
-  g <- cell_groups(e$cells, seurat_idents(e$cells, group_by, ncol(m)), ncol(m),
-                   na_rm = TRUE, call = call)
+  list(m = m, genes = rownames(m) %||% paste0("Feature", seq_len(nrow(m))),
+       g = cell_groups(e$cells, seurat_idents(e$cells, group_by, ncol(m)), ncol(m),
+                       na_rm = TRUE, call = call))
+}
+
+# One comparison as Seurat's FindMarkers() makes it, from per-gene statistics (genes in
+# matrix order): cells with x > 0 (`pos`) and sums of expm1(x) or x in cells.1 / cells.2
+# (`n1`, `n2` cells), and the core's U and tie-corrected z of cells.1 against cells.2.
+# Returns the kept genes (`sel`) in Seurat's order with their p, fold change, pct:
+# FindMarkers() orders by p with ties in gene order (its second key is p again),
+# FindAllMarkers() then by p and decreasing fold change (`by_fc`).
+seurat_compare <- function(pos1, pos2, sum1, sum2, n1, n2, u, z, o, by_fc) {
+  pct1 <- round(pos1 / n1, 3)
+  pct2 <- round(pos2 / n2, 3)
+  fc <- log(sum1 / n1 + o$pseudocount, base = o$base) -
+    log(sum2 / n2 + o$pseudocount, base = o$base)
+  alpha_min <- pmax(pct1, pct2)
+  keep <- alpha_min >= o$min_pct & (alpha_min - pmin(pct1, pct2)) >= o$min_diff_pct &
+    (if (o$only_pos) fc >= o$logfc_threshold else abs(fc) >= o$logfc_threshold)
+  keep[is.na(keep)] <- FALSE
+  if (o$only_pos) keep <- keep & fc > 0
+  idx <- which(keep)
+  # Seurat's p: two-sided normal approximation with continuity and tie correction; sigma
+  # comes back from the tie-corrected z and U of the core (z = d / sigma)
+  dd <- u[idx] - n1 * n2 / 2
+  zz <- z[idx]
+  p <- rep(1, length(idx))
+  nz <- dd != 0 & zz != 0
+  p[nz] <- pmin(1, 2 * stats::pnorm(-(abs(dd[nz]) - 0.5) / abs(dd[nz] / zz[nz])))
+  ord <- if (by_fc) order(p, -fc[idx]) else order(p)
+  sel <- idx[ord]
+  list(sel = sel, p = p[ord], fc = fc[sel], pct1 = pct1[sel], pct2 = pct2[sel])
+}
+
+# Per group (rows; cells with code < 0 in a last group) and gene (columns): cells with
+# x > 0 and sums of expm1(x) or x, from the dotplot core's means and fractions.
+seurat_group_sums <- function(m, codes, n_groups, expm1, n_threads, call) {
+  dcodes <- codes
+  dcodes[dcodes < 0L] <- n_groups
+  a <- matrix_args(m)
+  d <- rs_call(rs_dotplot(a$p, a$i, a$x, a$nrow, a$ncol, a$dense, seq_len(nrow(m)) - 1L,
+                          dcodes, n_groups + 1L, 0, FALSE, "none", FALSE, n_threads, expm1),
+               call = call)
+  mean <- matrix(d$mean, nrow = n_groups + 1L)
+  frac <- matrix(d$fraction, nrow = n_groups + 1L)
+  mean[is.nan(mean)] <- 0
+  frac[is.nan(frac)] <- 0
+  list(sum = mean * d$n_cells, pos = round(frac * d$n_cells))
+}
+
+seurat_markers <- function(e, group_by, idents, logfc_threshold, min_pct, min_diff_pct,
+                           only_pos, return_thresh, min_cells_group, mean_fxn, pseudocount,
+                           base, n_threads, call) {
+  o <- seurat_opts(logfc_threshold, min_pct, min_diff_pct, only_pos, min_cells_group,
+                   pseudocount, base, call)
+  min_cells_group <- o$min_cells_group
+  return_thresh <- check_number(return_thresh)
+  n_threads <- scannot_threads(n_threads)
+  s <- seurat_input(e, group_by, call)
+  m <- s$m
+  genes <- s$genes
+  g <- s$g
   lv <- levels(g)
   n_cells <- ncol(m)
   n1 <- tabulate(as.integer(g), length(lv))
@@ -471,7 +524,7 @@ seurat_markers <- function(e, group_by, idents, logfc_threshold, min_pct, min_di
     warning(sprintf("Not tested (fewer than %d cells in the group or in the rest): %s.",
                     min_cells_group, paste(lv[!ok], collapse = ", ")), call. = FALSE)
   }
-  fc_name <- if (isTRUE(all.equal(base, exp(1)))) "avg_logFC" else paste0("avg_log", base, "FC")
+  fc_name <- o$fc_name
   cluster_levels <- if (is.factor(idents)) levels(idents) else lv
   empty <- structure(list(numeric(), numeric(), numeric(), numeric(), numeric(),
                           factor(character(), levels = cluster_levels), character()),
@@ -488,61 +541,25 @@ seurat_markers <- function(e, group_by, idents, logfc_threshold, min_pct, min_di
   # label stay in the rest, as in Seurat's "all other cells")
   r <- wilcoxon_run(m, codes, length(lv), tested, -1L, TRUE, "scanpy", NaN, n_threads,
                     NULL, call)
-  # per group and gene: mean of expm1(x) (or x) and cells with x > 0, over every label
+  # per group and gene: sums of expm1(x) (or x) and cells with x > 0, over every label
   # (NA cells as one more group), so the rest is the total less the group
-  na_code <- length(lv)
-  dcodes <- codes
-  dcodes[dcodes < 0L] <- na_code
-  a <- matrix_args(m)
-  d <- rs_call(rs_dotplot(a$p, a$i, a$x, a$nrow, a$ncol, a$dense, seq_len(nrow(m)) - 1L,
-                          dcodes, na_code + 1L, 0, FALSE, "none", FALSE, n_threads,
-                          mean_fxn == "expm1"), call = call)
-  ng <- na_code + 1L
-  cnt <- d$n_cells
-  mean <- matrix(d$mean, nrow = ng)       # groups x genes
-  frac <- matrix(d$fraction, nrow = ng)
-  mean[is.nan(mean)] <- 0
-  frac[is.nan(frac)] <- 0
-  sums <- mean * cnt                      # per group sums
-  pos <- round(frac * cnt)                # cells with x > 0
-  tot_sum <- colSums(sums)
-  tot_pos <- colSums(pos)
+  gs <- seurat_group_sums(m, codes, length(lv), mean_fxn == "expm1", n_threads, call)
+  tot_sum <- colSums(gs$sum)
+  tot_pos <- colSums(gs$pos)
   n_genes <- nrow(m)
   out <- vector("list", length(tested))
   for (k in seq_along(tested)) {
     gi <- tested[k] + 1L
     rows <- which(r$group == tested[k])
-    gene <- r$gene[rows] + 1L
-    o <- order(gene)
-    rows <- rows[o]
-    nn1 <- n1[gi]
-    nn2 <- n_cells - nn1
-    pct1 <- round(pos[gi, ] / nn1, 3)
-    pct2 <- round((tot_pos - pos[gi, ]) / nn2, 3)
-    m1 <- sums[gi, ] / nn1
-    m2 <- (tot_sum - sums[gi, ]) / nn2
-    fc <- log(m1 + pseudocount, base = base) - log(m2 + pseudocount, base = base)
-    alpha_min <- pmax(pct1, pct2)
-    keep <- alpha_min >= min_pct & (alpha_min - pmin(pct1, pct2)) >= min_diff_pct &
-      (if (only_pos) fc >= logfc_threshold else abs(fc) >= logfc_threshold)
-    keep[is.na(keep)] <- FALSE
-    if (only_pos) keep <- keep & fc > 0
-    idx <- which(keep)
-    if (!length(idx)) next
-    # Seurat's p: two-sided normal approximation with continuity and tie correction;
-    # sigma comes back from the tie-corrected z and U of the core (z = d / sigma)
-    dd <- r$u[rows[idx]] - nn1 * nn2 / 2
-    z <- r$score[rows[idx]]
-    p <- rep(1, length(idx))
-    nz <- dd != 0 & z != 0
-    sig <- abs(dd[nz] / z[nz])
-    p[nz] <- pmin(1, 2 * stats::pnorm(-(abs(dd[nz]) - 0.5) / sig))
-    # Seurat's order: p value, then decreasing fold change, ties in gene order
-    ord <- order(p, -fc[idx])
-    ord <- ord[p[ord] < return_thresh]
-    if (!length(ord)) next
-    sel <- idx[ord]
-    tab <- list(p[ord], fc[sel], pct1[sel], pct2[sel], pmin(1, p[ord] * n_genes),
+    rows <- rows[order(r$gene[rows])]
+    c1 <- seurat_compare(gs$pos[gi, ], tot_pos - gs$pos[gi, ], gs$sum[gi, ],
+                         tot_sum - gs$sum[gi, ], n1[gi], n_cells - n1[gi], r$u[rows],
+                         r$score[rows], o, by_fc = TRUE)
+    keep <- c1$p < return_thresh
+    if (!any(keep)) next
+    sel <- c1$sel[keep]
+    tab <- list(c1$p[keep], c1$fc[keep], c1$pct1[keep], c1$pct2[keep],
+                pmin(1, c1$p[keep] * n_genes),
                 factor(rep(lv[gi], length(sel)), levels = cluster_levels), genes[sel])
     out[[k]] <- structure(tab, names = names(empty), class = "data.frame",
                           row.names = c(NA_integer_, -length(sel)))
@@ -556,7 +573,7 @@ seurat_markers <- function(e, group_by, idents, logfc_threshold, min_pct, min_di
   if (is.character(group_by) && length(group_by) == 1L) attr(res, "group_by") <- group_by
   # Seurat returns the only.pos table before giving it make.unique(gene) row names, so
   # it keeps rbind()'s own (make.unique without a separator)
-  rownames(res) <- make.unique(res$gene, sep = if (only_pos) "" else ".")
+  rownames(res) <- make.unique(res$gene, sep = if (o$only_pos) "" else ".")
   res
 }
 
@@ -572,4 +589,148 @@ seurat_idents <- function(cells, group_by, n_cells) {
   if (is.null(v) || is.factor(v) || !is.atomic(v) || length(v) != n_cells) return(v)
   v <- as.character(v)
   factor(v, levels = unique(v[!is.na(v)]))
+}
+
+#' Seurat's FindMarkers(), Wilcoxon test: one group of cells against another
+#'
+#' The table of Seurat's `FindMarkers(ident.1, ident.2, test.use = "wilcox")` (Seurat
+#' 4.3 semantics, as [find_all_markers()] for one comparison): `ident_1` (one or more
+#' groups) against `ident_2` (one or more groups; `NULL`: all other cells), ranks over
+#' those cells only, Seurat's filters, `p_val` with continuity and tie correction,
+#' `avg_log2FC`, `pct.1`, `pct.2`, `p_val_adj` (Bonferroni over all genes), rows ordered
+#' by `p_val` (ties in gene order, as Seurat's), no `p_val` cut. Useful to tell two similar
+#' clusters apart while annotating (e.g. CD4 vs CD8 T cells).
+#'
+#' @inheritParams find_all_markers
+#' @param ident_1,ident_2 Group names (levels of `group_by`, or of `Idents(object)`).
+#' @return A data frame like Seurat's: `p_val`, `avg_log2FC` (named `avg_log<base>FC` for
+#'   another base), `pct.1`, `pct.2`, `p_val_adj`; row names are the genes.
+#' @export
+#' @examples
+#' sim <- simulate_counts(n_cells = 400, n_genes = 200, as = "list")
+#' x <- normalize_counts(sim$counts)
+#' head(find_markers_between(x, "CD4 T", "CD8 T", group_by = sim$cells$cell_type,
+#'                           mean_fxn = "expm1"))
+find_markers_between <- function(object, ident_1, ident_2 = NULL, ...) {
+  UseMethod("find_markers_between")
+}
+
+#' @rdname find_markers_between
+#' @export
+find_markers_between.default <- function(object, ident_1, ident_2 = NULL, ..., group_by,
+                                         logfc_threshold = 0.25, min_pct = 0.1,
+                                         min_diff_pct = -Inf, only_pos = FALSE,
+                                         min_cells_group = 3,
+                                         mean_fxn = c("auto", "expm1", "mean"),
+                                         pseudocount = 1, base = 2, n_threads = NULL) {
+  call <- rlang::current_env()
+  rlang::check_dots_empty(call = call)
+  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
+  if (mean_fxn == "auto") mean_fxn <- "mean"
+  seurat_pair(get_expression(object), if (missing(group_by)) NULL else group_by, ident_1,
+              ident_2, logfc_threshold, min_pct, min_diff_pct, only_pos, min_cells_group,
+              mean_fxn, pseudocount, base, n_threads, call)
+}
+
+#' @rdname find_markers_between
+#' @export
+find_markers_between.Seurat <- function(object, ident_1, ident_2 = NULL, ..., group_by = NULL,
+                                        assay = NULL, layer = "data", logfc_threshold = 0.25,
+                                        min_pct = 0.1, min_diff_pct = -Inf, only_pos = FALSE,
+                                        min_cells_group = 3,
+                                        mean_fxn = c("auto", "expm1", "mean"),
+                                        pseudocount = 1, base = 2, n_threads = NULL) {
+  call <- rlang::current_env()
+  rlang::check_dots_empty(call = call)
+  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
+  assay <- assay %||% SeuratObject::DefaultAssay(object)
+  if (mean_fxn == "auto") mean_fxn <- seurat_mean_fxn(object, assay, layer)
+  seurat_pair(get_expression(object, assay = assay, layer = layer),
+              group_by %||% SeuratObject::Idents(object), ident_1, ident_2, logfc_threshold,
+              min_pct, min_diff_pct, only_pos, min_cells_group, mean_fxn, pseudocount, base,
+              n_threads, call)
+}
+
+#' @rdname find_markers_between
+#' @export
+find_markers_between.SummarizedExperiment <- function(object, ident_1, ident_2 = NULL, ...,
+                                                      group_by, assay = "logcounts",
+                                                      logfc_threshold = 0.25, min_pct = 0.1,
+                                                      min_diff_pct = -Inf, only_pos = FALSE,
+                                                      min_cells_group = 3,
+                                                      mean_fxn = c("auto", "expm1", "mean"),
+                                                      pseudocount = 1, base = 2,
+                                                      n_threads = NULL) {
+  call <- rlang::current_env()
+  rlang::check_dots_empty(call = call)
+  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
+  if (mean_fxn == "auto") mean_fxn <- "mean"
+  seurat_pair(get_expression(object, assay = assay),
+              if (missing(group_by)) NULL else group_by, ident_1, ident_2, logfc_threshold,
+              min_pct, min_diff_pct, only_pos, min_cells_group, mean_fxn, pseudocount, base,
+              n_threads, call)
+}
+
+# Seurat's choice of fold change for a Seurat object: expm1 means when NormalizeData's
+# LogNormalize is recorded for the assay's data, plain means otherwise.
+seurat_mean_fxn <- function(object, assay, layer) {
+  cmd <- paste0("NormalizeData.", assay)
+  norm <- if (cmd %in% SeuratObject::Command(object)) {
+    SeuratObject::Command(object, command = cmd, value = "normalization.method")
+  }
+  if (identical(layer, "data") && identical(norm, "LogNormalize")) "expm1" else "mean"
+}
+
+seurat_pair <- function(e, group_by, ident_1, ident_2, logfc_threshold, min_pct, min_diff_pct,
+                        only_pos, min_cells_group, mean_fxn, pseudocount, base, n_threads,
+                        call) {
+  o <- seurat_opts(logfc_threshold, min_pct, min_diff_pct, only_pos, min_cells_group,
+                   pseudocount, base, call)
+  n_threads <- scannot_threads(n_threads)
+  s <- seurat_input(e, group_by, call)
+  m <- s$m
+  genes <- s$genes
+  g <- s$g
+  lv <- levels(g)
+  check_idents <- function(id, what) {
+    id <- as.character(id)
+    bad <- setdiff(id, lv)
+    if (!length(id) || length(bad)) {
+      abort_scannot(sprintf("`%s` must name groups with cells; not found: %s. Groups: %s.",
+                            what, paste(bad, collapse = ", "), paste(lv, collapse = ", ")),
+                    "groups", call = call)
+    }
+    id
+  }
+  ident_1 <- check_idents(ident_1, "ident_1")
+  in1 <- !is.na(g) & g %in% ident_1
+  if (is.null(ident_2)) {
+    in2 <- !in1
+  } else {
+    ident_2 <- check_idents(ident_2, "ident_2")
+    if (length(intersect(ident_1, ident_2))) {
+      abort_scannot("`ident_1` and `ident_2` share groups; give disjoint groups.", "groups",
+                    call = call)
+    }
+    in2 <- !is.na(g) & g %in% ident_2
+  }
+  n1 <- sum(in1)
+  n2 <- sum(in2)
+  if (n1 < o$min_cells_group || n2 < o$min_cells_group) {
+    abort_scannot(sprintf("Cell group %d has fewer than %d cells (%d and %d cells).",
+                          if (n1 < o$min_cells_group) 1L else 2L, o$min_cells_group, n1, n2),
+                  "groups", call = call)
+  }
+  # cells.1 = code 0 against the reference cells.2 = code 1; the other cells take no part
+  codes <- ifelse(in1, 0L, ifelse(in2, 1L, -1L))
+  r <- wilcoxon_run(m, codes, 2L, 0L, 1L, TRUE, "scanpy", NaN, n_threads, NULL, call)
+  rows <- order(r$gene)
+  gs <- seurat_group_sums(m, codes, 2L, mean_fxn == "expm1", n_threads, call)
+  c1 <- seurat_compare(gs$pos[1, ], gs$pos[2, ], gs$sum[1, ], gs$sum[2, ], n1, n2,
+                       r$u[rows], r$score[rows], o, by_fc = FALSE)
+  out <- structure(list(c1$p, c1$fc, c1$pct1, c1$pct2, pmin(1, c1$p * nrow(m))),
+                   names = c("p_val", o$fc_name, "pct.1", "pct.2", "p_val_adj"),
+                   class = "data.frame", row.names = c(NA_integer_, -length(c1$sel)))
+  rownames(out) <- genes[c1$sel]
+  out
 }

@@ -1,20 +1,24 @@
 seurat_dir <- test_path("fixtures", "seurat")
 
 read_seurat_gold <- function(name) {
-  utils::read.csv(file.path(seurat_dir, paste0(name, ".csv.gz")),
-                  colClasses = c(row = "character", cluster = "character", gene = "character"),
-                  check.names = FALSE)
+  f <- file.path(seurat_dir, paste0(name, ".csv.gz"))
+  cls <- if (grepl("_pair", name)) c(row = "character") else
+    c(row = "character", cluster = "character", gene = "character")
+  utils::read.csv(f, colClasses = cls, check.names = FALSE)
 }
 
-# Our table against Seurat's: same rows in the same order, same names, numbers to 1e-9.
-expect_same_as_seurat <- function(ours, gold) {
-  expect_identical(names(ours), c("p_val", "avg_log2FC", "pct.1", "pct.2", "p_val_adj",
-                                  "cluster", "gene"))
+# Our table against Seurat's (FindAllMarkers(), or FindMarkers() with `all = FALSE`):
+# same rows in the same order, same names, numbers to 1e-9.
+expect_same_as_seurat <- function(ours, gold, all = TRUE) {
+  cols <- c("p_val", "avg_log2FC", "pct.1", "pct.2", "p_val_adj")
+  expect_identical(names(ours), if (all) c(cols, "cluster", "gene") else cols)
   expect_identical(nrow(ours), nrow(gold))
   expect_identical(rownames(ours), gold$row)
-  expect_identical(ours$gene, gold$gene)
-  expect_identical(as.character(ours$cluster), gold$cluster)
-  expect_true(is.factor(ours$cluster))
+  if (all) {
+    expect_identical(ours$gene, gold$gene)
+    expect_identical(as.character(ours$cluster), gold$cluster)
+    expect_true(is.factor(ours$cluster))
+  }
   rel <- function(a, b) if (length(a)) max(abs(a - b) / pmax(abs(b), 1e-300)) else 0
   expect_lt(rel(ours$p_val, gold$p_val), 1e-9)
   expect_lt(rel(ours$p_val_adj, gold$p_val_adj), 1e-9)
@@ -136,4 +140,40 @@ test_that("find_all_markers() orders and drops labels as Seurat's Idents<- does"
   expect_identical(m$gene, m2$gene)
   # dense input: the same table
   expect_equal(find_all_markers(as.matrix(x), g, mean_fxn = "expm1", n_threads = 1), m)
+})
+
+expect_same_as_findmarkers <- function(ours, gold) expect_same_as_seurat(ours, gold, all = FALSE)
+
+test_that("find_markers_between() equals Seurat's FindMarkers()", {
+  skip_if_not(has_seurat())
+  pbmc <- SeuratObject::pbmc_small
+  expect_same_as_findmarkers(find_markers_between(pbmc, "0", "1", n_threads = 2),
+                             read_seurat_gold("pbmc_small_pair"))
+  gold <- read_seurat_gold("pbmc_small_pair_rest")
+  expect_same_as_findmarkers(find_markers_between(pbmc, c("0", "2"), only_pos = TRUE), gold)
+  fx <- read_wx("pbmc68k")
+  gold <- read_seurat_gold("pbmc68k_pair")
+  expect_same_as_findmarkers(find_markers_between(fx$m, "CD14+ Monocyte", "Dendritic",
+                                                  group_by = fx$g, logfc_threshold = 0.1),
+                             gold)
+  skip_if_not(has_sce())
+  sce <- SingleCellExperiment::SingleCellExperiment(list(logcounts = fx$m),
+                                                    colData = data.frame(label = fx$g))
+  expect_same_as_findmarkers(find_markers_between(sce, "CD14+ Monocyte", "Dendritic",
+                                                  group_by = "label", logfc_threshold = 0.1),
+                             gold)
+  # against every other cell = that group's rows of find_all_markers() (no p cut; ties
+  # in p ordered by gene here, by fold change there)
+  all <- find_all_markers(pbmc, return_thresh = 1)
+  all <- all[all$cluster == "1", ]
+  one <- find_markers_between(pbmc, "1")
+  expect_setequal(rownames(one), all$gene)
+  expect_equal(one[all$gene, "p_val"], all$p_val, tolerance = 1e-12)
+  expect_identical(order(one$p_val), seq_len(nrow(one)))
+  # bad groups
+  expect_error(find_markers_between(pbmc, "9"), class = "scannot_error_groups")
+  expect_error(find_markers_between(pbmc, "0", c("0", "1")), class = "scannot_error_groups")
+  expect_error(find_markers_between(pbmc, "0", "1", min_cells_group = 40),
+               class = "scannot_error_groups")
+  expect_error(find_markers_between(fx$m, "CD14+ Monocyte"), class = "scannot_error_group_by")
 })
