@@ -603,6 +603,9 @@ seurat_idents <- function(cells, group_by, n_cells) {
 #'
 #' @inheritParams find_all_markers
 #' @param ident_1,ident_2 Group names (levels of `group_by`, or of `Idents(object)`).
+#' @param logfc_threshold,min_pct,min_diff_pct,only_pos,min_cells_group Seurat's
+#'   `logfc.threshold`, `min.pct`, `min.diff.pct`, `only.pos`, `min.cells.group` (at
+#'   least 2 here).
 #' @return A data frame like Seurat's: `p_val`, `avg_log2FC` (named `avg_log<base>FC` for
 #'   another base), `pct.1`, `pct.2`, `p_val_adj`; row names are the genes.
 #' @export
