@@ -380,8 +380,7 @@ find_all_markers.default <- function(object, group_by = NULL, ..., logfc_thresho
                                      base = 2, n_threads = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
-  if (mean_fxn == "auto") mean_fxn <- "mean"
+  mean_fxn <- seurat_mean_fxn(mean_fxn, object, call = call)
   seurat_markers(get_expression(object), group_by, NULL, logfc_threshold, min_pct,
                  min_diff_pct, only_pos, return_thresh, min_cells_group, mean_fxn,
                  pseudocount, base, n_threads, call)
@@ -397,9 +396,8 @@ find_all_markers.Seurat <- function(object, group_by = NULL, ..., assay = NULL,
                                     base = 2, n_threads = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
   assay <- assay %||% SeuratObject::DefaultAssay(object)
-  if (mean_fxn == "auto") mean_fxn <- seurat_mean_fxn(object, assay, layer)
+  mean_fxn <- seurat_mean_fxn(mean_fxn, object, assay, layer, call)
   idents <- NULL
   if (is.null(group_by)) {
     idents <- SeuratObject::Idents(object)
@@ -421,8 +419,7 @@ find_all_markers.SummarizedExperiment <- function(object, group_by = NULL, ...,
                                                   pseudocount = 1, base = 2, n_threads = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
-  if (mean_fxn == "auto") mean_fxn <- "mean"
+  mean_fxn <- seurat_mean_fxn(mean_fxn, object, call = call)
   seurat_markers(get_expression(object, assay = assay), group_by, NULL, logfc_threshold,
                  min_pct, min_diff_pct, only_pos, return_thresh, min_cells_group, mean_fxn,
                  pseudocount, base, n_threads, call)
@@ -553,7 +550,7 @@ seurat_markers <- function(e, group_by, idents, logfc_threshold, min_pct, min_di
     rows <- which(r$group == tested[k])
     rows <- rows[order(r$gene[rows])]
     c1 <- seurat_compare(gs$pos[gi, ], tot_pos - gs$pos[gi, ], gs$sum[gi, ],
-                         tot_sum - gs$sum[gi, ], n1[gi], n_cells - n1[gi], r$u[rows],
+                         tot_sum - gs$sum[gi, ], n1[gi], n2[gi], r$u[rows],
                          r$score[rows], o, by_fc = TRUE)
     keep <- c1$p < return_thresh
     if (!any(keep)) next
@@ -628,8 +625,7 @@ find_markers_between.default <- function(object, ident_1, ident_2 = NULL, ..., g
                                          pseudocount = 1, base = 2, n_threads = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
-  if (mean_fxn == "auto") mean_fxn <- "mean"
+  mean_fxn <- seurat_mean_fxn(mean_fxn, object, call = call)
   seurat_pair(get_expression(object), if (missing(group_by)) NULL else group_by, ident_1,
               ident_2, logfc_threshold, min_pct, min_diff_pct, only_pos, min_cells_group,
               mean_fxn, pseudocount, base, n_threads, call)
@@ -645,9 +641,8 @@ find_markers_between.Seurat <- function(object, ident_1, ident_2 = NULL, ..., gr
                                         pseudocount = 1, base = 2, n_threads = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
   assay <- assay %||% SeuratObject::DefaultAssay(object)
-  if (mean_fxn == "auto") mean_fxn <- seurat_mean_fxn(object, assay, layer)
+  mean_fxn <- seurat_mean_fxn(mean_fxn, object, assay, layer, call)
   seurat_pair(get_expression(object, assay = assay, layer = layer),
               group_by %||% SeuratObject::Idents(object), ident_1, ident_2, logfc_threshold,
               min_pct, min_diff_pct, only_pos, min_cells_group, mean_fxn, pseudocount, base,
@@ -666,17 +661,20 @@ find_markers_between.SummarizedExperiment <- function(object, ident_1, ident_2 =
                                                       n_threads = NULL) {
   call <- rlang::current_env()
   rlang::check_dots_empty(call = call)
-  mean_fxn <- rlang::arg_match(mean_fxn, error_call = call)
-  if (mean_fxn == "auto") mean_fxn <- "mean"
+  mean_fxn <- seurat_mean_fxn(mean_fxn, object, call = call)
   seurat_pair(get_expression(object, assay = assay),
               if (missing(group_by)) NULL else group_by, ident_1, ident_2, logfc_threshold,
               min_pct, min_diff_pct, only_pos, min_cells_group, mean_fxn, pseudocount, base,
               n_threads, call)
 }
 
-# Seurat's choice of fold change for a Seurat object: expm1 means when NormalizeData's
-# LogNormalize is recorded for the assay's data, plain means otherwise.
-seurat_mean_fxn <- function(object, assay, layer) {
+# `mean_fxn` checked, "auto" resolved as Seurat resolves it: expm1 means for a Seurat
+# object whose assay's data NormalizeData's LogNormalize made (its command log says so),
+# plain means otherwise (and for objects that are not Seurat's).
+seurat_mean_fxn <- function(mean_fxn, object, assay = NULL, layer = NULL, call) {
+  mean_fxn <- rlang::arg_match(mean_fxn, c("auto", "expm1", "mean"), error_call = call)
+  if (mean_fxn != "auto") return(mean_fxn)
+  if (!is_seurat(object)) return("mean")
   cmd <- paste0("NormalizeData.", assay)
   norm <- if (cmd %in% SeuratObject::Command(object)) {
     SeuratObject::Command(object, command = cmd, value = "normalization.method")

@@ -121,7 +121,8 @@ impl Acc {
     /// `opt.tf(v)`, with expm1 looked up in the memo first.
     #[inline]
     fn tf(&mut self, opt: &DotplotOptions, v: f64) -> f64 {
-        if !opt.expm1 || opt.log {
+        // (log and expm1 together are refused before the pass)
+        if !opt.expm1 {
             return opt.tf(v);
         }
         if self.memo.is_empty() {
@@ -228,9 +229,6 @@ pub fn dotplot(
         _ => false,
     };
     let cutoff = opt.expression_cutoff;
-    // one accumulator per range of cells, a few ranges per thread: with every gene
-    // selected an accumulator is groups x genes x 32 bytes, so rayon's fold (one per
-    // stolen split) would make and merge many
     let step = |mut acc: Acc, j: usize| -> Acc {
         let g = groups[j];
         if g < 0 {
@@ -278,6 +276,9 @@ pub fn dotplot(
         }
         acc
     };
+    // with every gene selected an accumulator is groups x genes x 32 bytes, so rayon's
+    // fold (one per stolen split) would make and merge many: then one per range of
+    // cells, a few ranges per thread
     let acc = if n_groups * ns * std::mem::size_of::<Cell>() <= 1 << 18 {
         // small accumulators (a few marker genes): rayon's fold balances best
         (0..ncol)
