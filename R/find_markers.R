@@ -672,7 +672,12 @@ find_markers_between.SummarizedExperiment <- function(object, ident_1, ident_2 =
 # object whose assay's data NormalizeData's LogNormalize made (its command log says so),
 # plain means otherwise (and for objects that are not Seurat's).
 seurat_mean_fxn <- function(mean_fxn, object, assay = NULL, layer = NULL, call) {
-  mean_fxn <- rlang::arg_match(mean_fxn, c("auto", "expm1", "mean"), error_call = call)
+  choices <- c("auto", "expm1", "mean")
+  if (identical(mean_fxn, choices)) mean_fxn <- "auto"
+  if (!(is.character(mean_fxn) && length(mean_fxn) == 1L && mean_fxn %in% choices)) {
+    abort_scannot(sprintf("`mean_fxn` must be one of \"auto\", \"expm1\" (log-normalised data) or \"mean\", not %s.",
+                          paste(format(mean_fxn), collapse = ", ")), "input", call = call)
+  }
   if (mean_fxn != "auto") return(mean_fxn)
   if (!is_seurat(object)) return("mean")
   cmd <- paste0("NormalizeData.", assay)

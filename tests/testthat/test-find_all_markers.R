@@ -88,7 +88,9 @@ test_that("find_all_markers() skips small groups as Seurat does, and checks its 
   expect_error(find_all_markers(x), class = "scannot_error_group_by")
   expect_error(find_all_markers(x, g, min_cells_group = 1), class = "scannot_error_input")
   expect_error(find_all_markers(x, g, base = 1), class = "scannot_error_input")
-  expect_error(find_all_markers(x, g, mean_fxn = "median"))
+  expect_error(find_all_markers(x, g, mean_fxn = "median"), class = "scannot_error_input")
+  expect_error(find_markers_between(x, "tiny", group_by = g, mean_fxn = NA),
+               class = "scannot_error_input")
   expect_error(find_all_markers(x, g, bogus = 1))
   # another base renames the fold-change column
   expect_true("avg_log10FC" %in% names(suppressWarnings(find_all_markers(x, g, base = 10))))
